@@ -1,0 +1,126 @@
+"""The public surface: `from_pretrained`, `save_pretrained`, `load_tokenizer`."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+
+from olmo_jax import checkpoint, fsutil, hf_io
+from olmo_jax.assets import resolve
+from olmo_jax.config import ModelConfig, OlmoJaxError
+from olmo_jax.model import Transformer
+from olmo_jax.sharding import param_shardings
+
+
+def _kind(path: str) -> str:
+    if not os.path.exists(path):
+        raise OlmoJaxError(f"no such file or directory: {path}")
+    if os.path.isfile(path):
+        if path.endswith(".gguf"):
+            return "gguf"
+        raise OlmoJaxError(f"{path} is a file but not a .gguf; expected an HF directory, a .gguf file "
+                           "or an olmo_jax checkpoint directory")
+    if checkpoint.is_checkpoint(path):
+        return "ours"
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return "hf"
+    raise OlmoJaxError(f"{path} holds neither config.json (HF) nor {checkpoint.MARKER} (olmo_jax checkpoint)")
+
+
+def load_config(path: str) -> ModelConfig:
+    path = resolve(path)
+    kind = _kind(path)
+    if kind == "ours":
+        return checkpoint.read_config(path)[0]
+    if kind == "hf":
+        return ModelConfig.from_hf(path)
+    return ModelConfig.from_hf(_gguf_hf_config(path))
+
+
+def _gguf_hf_config(path: str) -> dict:
+    import transformers
+    d, fn = os.path.split(os.path.abspath(path))
+    return transformers.AutoConfig.from_pretrained(d, gguf_file=fn).to_dict()
+
+
+def _gguf_tensors(path: str, hf_config: dict) -> dict[str, Any]:
+    """Dequantised GGUF tensors under HF names (transformers maps names and undoes Q/K permutes)."""
+    import torch
+    import transformers
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    config = transformers.AutoConfig.for_model(**{k: v for k, v in hf_config.items() if k != "model_type"},
+                                               model_type=hf_config["model_type"])
+    with torch.device("meta"):  # only the name mapping is needed: no memory for a second model
+        skeleton = transformers.AutoModelForCausalLM.from_config(config)
+    return load_gguf_checkpoint(path, return_tensors=True, model_to_load=skeleton)["tensors"]
+
+
+def from_pretrained(path: str, *, dtype: str = "float32", mesh=None,
+                    compute_dtype: str | None = None) -> Transformer:
+    """Loads an HF directory, a .gguf file, or an olmo_jax checkpoint as a `Transformer`.
+
+    dtype: parameter dtype (and compute dtype unless `compute_dtype` is given).
+    mesh: a `jax.sharding.Mesh`; parameters are placed shard by shard with `param_shardings`.
+    """
+    path = resolve(path)
+    kind = _kind(path)
+    base = load_config(path)
+    cfg = base.replace(param_dtype=dtype, compute_dtype=compute_dtype or dtype)
+    shardings = param_shardings(cfg, mesh) if mesh is not None else None
+    if kind == "ours":
+        params = checkpoint.restore_params(path, cfg, shardings)
+    elif kind == "hf":
+        params = hf_io.load_params(cfg, hf_io.SafetensorsSource(path), shardings)
+    else:
+        params = hf_io.load_params(cfg, hf_io.DictSource(_gguf_tensors(path, cfg.to_hf())), shardings)
+    model = Transformer(cfg, params)
+    model.source = path  # where the tokenizer lives, for export and evaluation
+    return model
+
+
+def load_tokenizer(path: str):
+    import transformers
+    path = resolve(path)
+    if _kind(path) == "gguf":
+        d, fn = os.path.split(os.path.abspath(path))
+        return transformers.AutoTokenizer.from_pretrained(d, gguf_file=fn)
+    return transformers.AutoTokenizer.from_pretrained(path)
+
+
+def save_pretrained(model: Transformer, out_dir: str, tokenizer_src: str | None = None, *,
+                    max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False) -> str:
+    """Writes a Hugging Face directory (safetensors, config.json, tokenizer) that
+    `transformers.AutoModelForCausalLM.from_pretrained` loads. Atomic: temp dir, then rename."""
+    return save_params_pretrained(model.config, model.param_dict(), out_dir,
+                                  tokenizer_src or getattr(model, "source", None),
+                                  max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+
+
+def save_params_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer_src: str | None = None, *,
+                           max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False) -> str:
+    import ml_dtypes
+    import numpy as np
+
+    dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[cfg.param_dtype]
+    with fsutil.atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        hf_io.write_safetensors(cfg, params, tmp, max_shard_bytes=max_shard_bytes, dtype=dtype)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(cfg.to_hf(), f, indent=2)
+        if tokenizer_src is not None:
+            src = resolve(tokenizer_src)
+            # An HF or olmo_jax directory: copy its tokenizer files; a GGUF: rebuild them.
+            if not (os.path.isdir(src) and hf_io.copy_tokenizer_files(src, tmp)):
+                load_tokenizer(src).save_pretrained(tmp)
+    return out_dir
+
+
+def save_checkpoint(model: Transformer, out_dir: str, *, meta: dict | None = None,
+                    overwrite: bool = False) -> str:
+    """Our Orbax checkpoint (with the tokenizer, when the model knows its source)."""
+    src = getattr(model, "source", None)
+    tok = load_tokenizer(src) if src else None
+    return checkpoint.save(out_dir, model.config, model.param_dict(), tokenizer=tok, meta=meta,
+                           overwrite=overwrite)

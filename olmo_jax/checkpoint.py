@@ -1,0 +1,64 @@
+"""Our own checkpoint format: Orbax-saved parameters + the model config + tokenizer files.
+
+    DIR/olmo_jax.json   {"format": "olmo_jax/1", "config": {...ModelConfig fields...}, "meta": {...}}
+    DIR/params/         Orbax PyTree checkpoint of the parameter dict
+    DIR/tokenizer*.json tokenizer files (so evaluation and export need nothing else)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from olmo_jax import fsutil
+from olmo_jax.config import ModelConfig, OlmoJaxError
+
+MARKER = "olmo_jax.json"
+FORMAT = "olmo_jax/1"
+
+
+def is_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MARKER))
+
+
+def read_config(path: str) -> tuple[ModelConfig, dict]:
+    with open(os.path.join(path, MARKER)) as f:
+        info = json.load(f)
+    if info.get("format") != FORMAT:
+        raise OlmoJaxError(f"{path}: unknown checkpoint format {info.get('format')!r}, expected {FORMAT}")
+    return ModelConfig(**info["config"]), info.get("meta", {})
+
+
+def save(path: str, cfg: ModelConfig, params: dict[str, Any], *, tokenizer=None,
+         meta: dict | None = None, overwrite: bool = False) -> str:
+    """Writes a complete checkpoint under a temporary name, then renames it into place."""
+    with fsutil.atomic_dir(path, overwrite=overwrite) as tmp:
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(os.path.abspath(os.path.join(tmp, "params")), params)
+        ckptr.wait_until_finished()
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, MARKER), "w") as f:
+            json.dump({"format": FORMAT, "config": dataclasses.asdict(cfg), "meta": meta or {}}, f, indent=2)
+    return path
+
+
+def restore_params(path: str, cfg: ModelConfig, shardings=None) -> dict[str, Any]:
+    """Restores parameters straight into `shardings` (or the default device), cast to param_dtype."""
+    from olmo_jax.model import param_shapes
+
+    dtype = cfg.jnp_param_dtype
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(
+        lambda shape, s: jax.ShapeDtypeStruct(shape, dtype, sharding=s),
+        param_shapes(cfg), shardings if shardings is not None else jax.tree.map(
+            lambda _: default, param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple)),
+        is_leaf=lambda x: isinstance(x, tuple))
+    try:
+        return ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(path, "params")), target)
+    except Exception as e:  # orbax raises many types; surface one line naming the checkpoint
+        raise OlmoJaxError(f"cannot restore parameters from {path}: {str(e).splitlines()[0]}") from e

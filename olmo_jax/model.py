@@ -1,0 +1,234 @@
+"""OLMo2 / Llama-family decoder in JAX.
+
+The NNX `Transformer` owns the parameters; the computation is a pure function of a parameter
+pytree (`forward`), so jitted train steps take `params` as an argument (`nnx.split` / `nnx.merge`
+at the boundary) and teacher and student can run side by side.
+
+Layer weights are stacked on a leading layer axis and the blocks run under `jax.lax.scan`:
+compile time does not grow with depth, and layer-wise pruning is one vectorised computation.
+
+Shape letters: B batch, T sequence (tokens), S gathered target positions, L layers, D hidden,
+H query heads, K key/value heads, G = H // K query heads per kv head, E head dim,
+I MLP intermediate (neurons), V vocabulary.
+
+Parameter pytree (pure dict):
+  embed          [V, D]
+  layers.attn    q_proj [L, D, H*E]  k_proj [L, D, K*E]  v_proj [L, D, K*E]  o_proj [L, H*E, D]
+                 q_norm [L, H*E]  k_norm [L, K*E]          (olmo2 only: full-width QK-norm)
+  layers.mlp     gate_proj [L, D, I]  up_proj [L, D, I]  down_proj [L, I, D]
+  layers.attn_norm [L, D]   olmo2: post_attention_layernorm; llama: input_layernorm
+  layers.mlp_norm  [L, D]   olmo2: post_feedforward_layernorm; llama: post_attention_layernorm
+  final_norm     [D]
+  lm_head        [D, V]     absent when embeddings are tied
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from olmo_jax.config import ModelConfig
+
+Params = dict[str, Any]
+_MASK_VALUE = -1e30  # finite, so fully-masked (padding) rows give uniform weights, not NaN
+
+
+# ---- building blocks (pure functions) -------------------------------------------------------
+
+def rms_norm(x, weight, eps: float, *, weight_in_fp32: bool):
+    """RMSNorm in float32. OLMo2 multiplies the weight before casting back; Llama after."""
+    dtype = x.dtype
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    if weight_in_fp32:
+        return (weight.astype(jnp.float32) * x32).astype(dtype)
+    return weight.astype(dtype) * x32.astype(dtype)
+
+
+def rope_tables(positions_BxT, head_dim: int, theta: float):
+    """cos/sin [B, T, E] for non-interleaved (rotate-half) RoPE, computed in float32."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x_BxTxNxE, cos_BxTxE, sin_BxTxE):
+    x1, x2 = jnp.split(x_BxTxNxE, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    cos, sin = cos_BxTxE[:, :, None, :], sin_BxTxE[:, :, None, :]
+    return (x_BxTxNxE * cos.astype(x_BxTxNxE.dtype) + rotated * sin.astype(x_BxTxNxE.dtype))
+
+
+def attention_mask(segment_ids_BxT):
+    """[B, T, T] bool: causal, no padding keys, a branch sees the shared prefix (1) and itself."""
+    q = segment_ids_BxT[:, :, None]
+    k = segment_ids_BxT[:, None, :]
+    t = segment_ids_BxT.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))[None]
+    return causal & (k != 0) & ((k == 1) | (k == q))
+
+
+def _mm(x, w):
+    return jnp.einsum("...d,df->...f", x, w.astype(x.dtype))
+
+
+def attention(cfg: ModelConfig, p: Params, x_BxTxD, cos, sin, mask_BxTxT):
+    b, t, _ = x_BxTxD.shape
+    h, k, e = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q, kk, v = _mm(x_BxTxD, p["q_proj"]), _mm(x_BxTxD, p["k_proj"]), _mm(x_BxTxD, p["v_proj"])
+    if cfg.qk_norm:  # over the full projection width, before splitting heads and before RoPE
+        q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps, weight_in_fp32=True)
+        kk = rms_norm(kk, p["k_norm"], cfg.rms_norm_eps, weight_in_fp32=True)
+    q = apply_rope(q.reshape(b, t, h, e), cos, sin)
+    kk = apply_rope(kk.reshape(b, t, k, e), cos, sin)
+    v = v.reshape(b, t, k, e)
+    q_BxTxKxGxE = q.reshape(b, t, k, h // k, e)
+    scores = jnp.einsum("btkge,bske->bkgts", q_BxTxKxGxE, kk,
+                        preferred_element_type=jnp.float32) * (e ** -0.5)
+    scores = jnp.where(mask_BxTxT[:, None, None], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bske->btkge", probs, v).reshape(b, t, h * e)
+    return _mm(out, p["o_proj"])
+
+
+def mlp(p: Params, x_BxTxD):
+    gate, up = _mm(x_BxTxD, p["gate_proj"]), _mm(x_BxTxD, p["up_proj"])
+    return _mm(jax.nn.silu(gate) * up, p["down_proj"])
+
+
+def block(cfg: ModelConfig, layer: Params, x, cos, sin, mask):
+    """One decoder layer; `layer` holds one layer's slice of the stacked weights."""
+    def norm(y, w):
+        return rms_norm(y, w, cfg.rms_norm_eps, weight_in_fp32=cfg.post_norm)
+
+    if cfg.post_norm:  # OLMo2: h = x + norm(attn(x)); out = h + norm(mlp(h))
+        h = x + norm(attention(cfg, layer["attn"], x, cos, sin, mask), layer["attn_norm"])
+        return h + norm(mlp(layer["mlp"], h), layer["mlp_norm"])
+    h = x + attention(cfg, layer["attn"], norm(x, layer["attn_norm"]), cos, sin, mask)
+    return h + mlp(layer["mlp"], norm(h, layer["mlp_norm"]))
+
+
+def default_positions(segment_ids_BxT):
+    """Positions counting real tokens only, so left and right padding give the same RoPE angles."""
+    return jnp.maximum(jnp.cumsum(segment_ids_BxT != 0, axis=1) - 1, 0).astype(jnp.int32)
+
+
+def hidden_states(cfg: ModelConfig, params: Params, tokens_BxT, positions_BxT=None,
+                  segment_ids_BxT=None, *, remat: bool = False, return_layers: bool = False):
+    """Final-normed hidden states [B, T, D] (and, optionally, every layer's output [L, B, T, D])."""
+    if segment_ids_BxT is None:
+        segment_ids_BxT = jnp.ones(tokens_BxT.shape, jnp.int32)
+    if positions_BxT is None:
+        positions_BxT = default_positions(segment_ids_BxT)
+    cdt = cfg.jnp_compute_dtype
+    x = jnp.take(params["embed"], tokens_BxT, axis=0).astype(cdt)
+    cos, sin = rope_tables(positions_BxT, cfg.head_dim, cfg.rope_theta)
+    mask = attention_mask(segment_ids_BxT)
+
+    def body(x, layer):
+        y = block(cfg, layer, x, cos, sin, mask)
+        return y, (y if return_layers else None)
+
+    if remat:  # recompute each layer's activations in the backward pass; keep only layer inputs
+        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+    x, per_layer = jax.lax.scan(body, x, params["layers"])
+    x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps, weight_in_fp32=cfg.post_norm)
+    return (x, per_layer) if return_layers else x
+
+
+def head_weight(cfg: ModelConfig, params: Params):
+    """The [D, V] output projection (the transposed embedding when tied)."""
+    return params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+
+
+def logits_from_hidden(cfg: ModelConfig, params: Params, h_xD):
+    """Logits in float32 for hidden states of any leading shape."""
+    w = head_weight(cfg, params)
+    return jnp.einsum("...d,dv->...v", h_xD, w.astype(h_xD.dtype), preferred_element_type=jnp.float32)
+
+
+def forward(cfg: ModelConfig, params: Params, tokens_BxT, positions_BxT=None, segment_ids_BxT=None,
+            *, remat: bool = False):
+    """Full logits [B, T, V] float32 (use `hidden_states` + gathering for losses on big vocabs)."""
+    h = hidden_states(cfg, params, tokens_BxT, positions_BxT, segment_ids_BxT, remat=remat)
+    return logits_from_hidden(cfg, params, h)
+
+
+def gather_positions(h_BxTxD, pos_BxS):
+    """h[b, pos[b, s]] -> [B, S, D]: the positions where a target or score needs logits."""
+    return jnp.take_along_axis(h_BxTxD, pos_BxS[:, :, None].astype(jnp.int32), axis=1)
+
+
+# ---- parameter initialisation and the NNX container -----------------------------------------
+
+def param_shapes(cfg: ModelConfig) -> Params:
+    """Shapes of every parameter (the single source of truth for init, loading and sharding)."""
+    l, d, i, v = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    attn = {"q_proj": (l, d, q), "k_proj": (l, d, kv), "v_proj": (l, d, kv), "o_proj": (l, q, d)}
+    if cfg.qk_norm:
+        attn |= {"q_norm": (l, q), "k_norm": (l, kv)}
+    shapes = {
+        "embed": (v, d),
+        "layers": {
+            "attn": attn,
+            "mlp": {"gate_proj": (l, d, i), "up_proj": (l, d, i), "down_proj": (l, i, d)},
+            "attn_norm": (l, d),
+            "mlp_norm": (l, d),
+        },
+        "final_norm": (d,),
+    }
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (d, v)
+    return shapes
+
+
+def is_norm_path(path: tuple[str, ...]) -> bool:
+    return any("norm" in part for part in path)
+
+
+def init_params(cfg: ModelConfig, key, std: float = 0.02) -> Params:
+    """Random init (norm weights 1, others N(0, std)) in param_dtype."""
+    shapes = param_shapes(cfg)
+    leaves, treedef = jax.tree.flatten_with_path(shapes, is_leaf=lambda s: isinstance(s, tuple))
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for (path, shape), k in zip(leaves, keys):
+        names = tuple(p.key for p in path)
+        if is_norm_path(names):
+            out.append(jnp.ones(shape, cfg.jnp_param_dtype))
+        else:
+            out.append((std * jax.random.normal(k, shape, jnp.float32)).astype(cfg.jnp_param_dtype))
+    return jax.tree.unflatten(treedef, out)
+
+
+def _to_nnx(tree):
+    if isinstance(tree, dict):
+        return nnx.Dict({k: _to_nnx(v) for k, v in tree.items()})
+    return nnx.Param(tree)
+
+
+class Transformer(nnx.Module):
+    """The model as an NNX module. `model(input_ids)` -> logits [B, T, V] (float32).
+
+    Parameters live in `self.params` (an nnx.Dict of nnx.Param); `nnx.split(model, nnx.Param)`
+    gives the pure pytree the functional core (`forward`) runs on.
+    """
+
+    def __init__(self, config: ModelConfig, params: Params | None = None, *, rngs: nnx.Rngs | None = None):
+        self.config = config
+        if params is None:
+            params = init_params(config, (rngs or nnx.Rngs(0)).params())
+        self.params = _to_nnx(params)
+
+    def param_dict(self) -> Params:
+        return nnx.to_pure_dict(nnx.state(self, nnx.Param))["params"]
+
+    def __call__(self, input_ids, attention_mask=None, positions=None, *, remat: bool = False):
+        """attention_mask: [B, T] with 1 for real tokens (left or right padding), or None."""
+        tokens = jnp.asarray(input_ids, jnp.int32)
+        segment_ids = None if attention_mask is None else (jnp.asarray(attention_mask) != 0).astype(jnp.int32)
+        return forward(self.config, self.param_dict(), tokens, positions, segment_ids, remat=remat)
