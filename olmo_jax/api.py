@@ -110,17 +110,22 @@ def save_params_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer_src
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg.to_hf(), f, indent=2)
         if tokenizer_src is not None:
-            src = resolve(tokenizer_src)
-            # An HF or olmo_jax directory: copy its tokenizer files; a GGUF: rebuild them.
-            if not (os.path.isdir(src) and hf_io.copy_tokenizer_files(src, tmp)):
-                load_tokenizer(src).save_pretrained(tmp)
+            write_tokenizer(tokenizer_src, tmp)
     return out_dir
+
+
+def write_tokenizer(src: str, out_dir: str) -> None:
+    """HF or olmo_jax directory: copy its tokenizer files (if any); GGUF: rebuild them."""
+    src = resolve(src)
+    if os.path.isdir(src):
+        hf_io.copy_tokenizer_files(src, out_dir)
+    else:
+        load_tokenizer(src).save_pretrained(out_dir)
 
 
 def save_checkpoint(model: Transformer, out_dir: str, *, meta: dict | None = None,
                     overwrite: bool = False) -> str:
     """Our Orbax checkpoint (with the tokenizer, when the model knows its source)."""
     src = getattr(model, "source", None)
-    tok = load_tokenizer(src) if src else None
-    return checkpoint.save(out_dir, model.config, model.param_dict(), tokenizer=tok, meta=meta,
-                           overwrite=overwrite)
+    return checkpoint.save(out_dir, model.config, model.param_dict(), meta=meta, overwrite=overwrite,
+                           write_extra=(lambda d: write_tokenizer(src, d)) if src else None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -33,15 +33,15 @@ def read_config(path: str) -> tuple[ModelConfig, dict]:
     return ModelConfig(**info["config"]), info.get("meta", {})
 
 
-def save(path: str, cfg: ModelConfig, params: dict[str, Any], *, tokenizer=None,
+def save(path: str, cfg: ModelConfig, params: dict[str, Any], *, write_extra=None,
          meta: dict | None = None, overwrite: bool = False) -> str:
     """Writes a complete checkpoint under a temporary name, then renames it into place."""
     with fsutil.atomic_dir(path, overwrite=overwrite) as tmp:
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(os.path.abspath(os.path.join(tmp, "params")), params)
         ckptr.wait_until_finished()
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        if write_extra is not None:  # e.g. tokenizer files
+            write_extra(tmp)
         with open(os.path.join(tmp, MARKER), "w") as f:
             json.dump({"format": FORMAT, "config": dataclasses.asdict(cfg), "meta": meta or {}}, f, indent=2)
     return path

@@ -42,6 +42,7 @@ def rms_norm(x, weight, eps: float, *, weight_in_fp32: bool):
     dtype = x.dtype
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    weight = weight.reshape((1,) * (x.ndim - 1) + weight.shape)  # explicit broadcast (rank promotion off)
     if weight_in_fp32:
         return (weight.astype(jnp.float32) * x32).astype(dtype)
     return weight.astype(dtype) * x32.astype(dtype)
@@ -50,7 +51,7 @@ def rms_norm(x, weight, eps: float, *, weight_in_fp32: bool):
 def rope_tables(positions_BxT, head_dim: int, theta: float):
     """cos/sin [B, T, E] for non-interleaved (rotate-half) RoPE, computed in float32."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    freqs = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+    freqs = positions_BxT.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
 

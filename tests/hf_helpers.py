@@ -1,0 +1,39 @@
+"""Tiny random transformers models and their olmo_jax twins, shared by tests."""
+import numpy as np
+import torch
+import transformers
+
+from olmo_jax import hf_io
+from olmo_jax.config import ModelConfig
+
+
+def tiny_hf_config(model_type="olmo2", *, layers=3, hidden=64, heads=4, kv_heads=4, head_dim=16,
+                   intermediate=96, vocab=128, tied=False, **extra):
+    # Olmo2Config() defaults are not a real model: set every field explicitly.
+    return dict(model_type=model_type, vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                head_dim=head_dim, rms_norm_eps=1e-6, rope_theta=10000.0, pad_token_id=0, bos_token_id=1,
+                eos_token_id=2, max_position_embeddings=256, tie_word_embeddings=tied, **extra)
+
+
+def torch_model(hf_config: dict, seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.AutoConfig.for_model(**hf_config)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    with torch.no_grad():  # norms start at 1: perturb them so a swapped norm cannot pass unnoticed
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+def to_jax(tm, **overrides):
+    cfg = ModelConfig.from_hf(tm.config.to_dict(), **overrides)
+    return cfg, hf_io.load_params(cfg, hf_io.DictSource(tm.state_dict()))
+
+
+def torch_logits(tm, ids, attention_mask=None):
+    with torch.no_grad():
+        out = tm(torch.tensor(np.asarray(ids)), attention_mask=None if attention_mask is None
+                 else torch.tensor(np.asarray(attention_mask)), output_hidden_states=True)
+    return out.logits.numpy(), [h.numpy() for h in out.hidden_states]
