@@ -96,20 +96,24 @@ def attention(cfg: ModelConfig, p: Params, x_BxTxD, cos, sin, mask_BxTxT):
 
 
 def mlp(p: Params, x_BxTxD):
+    """SwiGLU; also returns the neuron activations silu(gate) * up [B, T, I] (pruning reads them)."""
     gate, up = _mm(x_BxTxD, p["gate_proj"]), _mm(x_BxTxD, p["up_proj"])
-    return _mm(jax.nn.silu(gate) * up, p["down_proj"])
+    act_BxTxI = jax.nn.silu(gate) * up
+    return _mm(act_BxTxI, p["down_proj"]), act_BxTxI
 
 
 def block(cfg: ModelConfig, layer: Params, x, cos, sin, mask):
-    """One decoder layer; `layer` holds one layer's slice of the stacked weights."""
+    """One decoder layer -> (output, MLP activations); `layer` is one slice of the stacked weights."""
     def norm(y, w):
         return rms_norm(y, w, cfg.rms_norm_eps, weight_in_fp32=cfg.post_norm)
 
     if cfg.post_norm:  # OLMo2: h = x + norm(attn(x)); out = h + norm(mlp(h))
         h = x + norm(attention(cfg, layer["attn"], x, cos, sin, mask), layer["attn_norm"])
-        return h + norm(mlp(layer["mlp"], h), layer["mlp_norm"])
+        y, act = mlp(layer["mlp"], h)
+        return h + norm(y, layer["mlp_norm"]), act
     h = x + attention(cfg, layer["attn"], norm(x, layer["attn_norm"]), cos, sin, mask)
-    return h + mlp(layer["mlp"], norm(h, layer["mlp_norm"]))
+    y, act = mlp(layer["mlp"], norm(h, layer["mlp_norm"]))
+    return h + y, act
 
 
 def default_positions(segment_ids_BxT):
@@ -118,8 +122,14 @@ def default_positions(segment_ids_BxT):
 
 
 def hidden_states(cfg: ModelConfig, params: Params, tokens_BxT, positions_BxT=None,
-                  segment_ids_BxT=None, *, remat: bool = False, return_layers: bool = False):
-    """Final-normed hidden states [B, T, D] (and, optionally, every layer's output [L, B, T, D])."""
+                  segment_ids_BxT=None, *, remat: bool = False, return_layers: bool = False,
+                  mlp_stat=None):
+    """Final-normed hidden states [B, T, D].
+
+    return_layers: also return every layer's output [L, B, T, D] (parity tests).
+    mlp_stat: fn(act_BxTxI, segment_ids_BxT) -> array; also return its per-layer results stacked
+      on a leading L axis (activation-based pruning importance).
+    """
     if segment_ids_BxT is None:
         segment_ids_BxT = jnp.ones(tokens_BxT.shape, jnp.int32)
     if positions_BxT is None:
@@ -130,13 +140,16 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens_BxT, positions_BxT=No
     mask = attention_mask(segment_ids_BxT)
 
     def body(x, layer):
-        y = block(cfg, layer, x, cos, sin, mask)
-        return y, (y if return_layers else None)
+        y, act = block(cfg, layer, x, cos, sin, mask)
+        extra = (y if return_layers else None, None if mlp_stat is None else mlp_stat(act, segment_ids_BxT))
+        return y, extra
 
     if remat:  # recompute each layer's activations in the backward pass; keep only layer inputs
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-    x, per_layer = jax.lax.scan(body, x, params["layers"])
+    x, (per_layer, stats) = jax.lax.scan(body, x, params["layers"])
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps, weight_in_fp32=cfg.post_norm)
+    if mlp_stat is not None:
+        return x, stats
     return (x, per_layer) if return_layers else x
 
 

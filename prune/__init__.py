@@ -1,0 +1,43 @@
+"""Layer-wise MLP-neuron pruning: importance -> select -> apply_masks (mask mode) or compact."""
+from __future__ import annotations
+
+import numpy as np
+from flax import nnx
+
+from olmo_jax.config import OlmoJaxError
+from olmo_jax.model import Transformer
+from prune.compact import compact, compact_params, kept_indices
+from prune.importance import CRITERIA, importance
+from prune.masks import apply_masks, masked_updates
+from prune.report import report
+from prune.schedule import iterative
+from prune.select import kept_count, select, select_k
+
+MODES = ("compact", "mask")
+
+
+class NeuronMask(nnx.Variable):
+    """The [L, I] boolean mask a mask-mode model carries (not a trainable parameter)."""
+
+
+def prune(model: Transformer, ratio: float, criterion: str = "l2", *, mode: str = "compact",
+          multiple_of: int = 1, batches=None) -> Transformer:
+    """One-shot layer-wise pruning of `ratio` of every layer's MLP neurons.
+
+    mode="compact": a smaller dense model (intermediate_size = k).
+    mode="mask": same shapes, pruned weights zeroed; the mask is `model.neuron_mask.value`.
+    """
+    if mode not in MODES:
+        raise OlmoJaxError(f"unknown prune mode {mode!r}; choose from {MODES}")
+    mask = select(np.asarray(importance(model, criterion, batches=batches)), ratio, multiple_of)
+    if mode == "compact":
+        return compact(model, mask)
+    out = Transformer(model.config, apply_masks(model.param_dict(), mask))
+    out.source = getattr(model, "source", None)
+    out.neuron_mask = NeuronMask(mask)
+    return out
+
+
+__all__ = ["prune", "importance", "select", "select_k", "kept_count", "apply_masks", "masked_updates",
+           "compact", "compact_params", "kept_indices", "iterative", "report", "CRITERIA", "MODES",
+           "NeuronMask"]

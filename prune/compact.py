@@ -1,0 +1,40 @@
+"""Compaction: slice the kept neurons out into a dense model with a smaller intermediate_size."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from olmo_jax.config import ModelConfig, OlmoJaxError
+from olmo_jax.model import Transformer
+
+
+def kept_indices(mask_LxI) -> np.ndarray:
+    """[L, k] sorted indices of the kept neurons (layer-wise pruning keeps the same k per layer)."""
+    mask = np.asarray(mask_LxI, bool)
+    counts = mask.sum(axis=1)
+    if len(set(counts.tolist())) != 1:
+        raise OlmoJaxError(f"compaction needs the same kept count in every layer, got {sorted(set(counts.tolist()))}")
+    if counts[0] == 0:
+        raise OlmoJaxError("the mask keeps no neurons")
+    return np.stack([np.flatnonzero(row) for row in mask])
+
+
+def compact_params(cfg: ModelConfig, params, mask_LxI):
+    """(smaller config, params) holding only the kept neurons, in their original order."""
+    idx = jnp.asarray(kept_indices(mask_LxI))
+    mlp = params["layers"]["mlp"]
+    small = {
+        "gate_proj": jnp.take_along_axis(mlp["gate_proj"], idx[:, None, :], axis=2),
+        "up_proj": jnp.take_along_axis(mlp["up_proj"], idx[:, None, :], axis=2),
+        "down_proj": jnp.take_along_axis(mlp["down_proj"], idx[:, :, None], axis=1),
+    }
+    new_cfg = cfg.replace(intermediate_size=int(idx.shape[1]))
+    return new_cfg, params | {"layers": params["layers"] | {"mlp": small}}
+
+
+def compact(model: Transformer, mask_LxI) -> Transformer:
+    """A new, smaller `Transformer` built from the reduced config and filled with sliced weights."""
+    cfg, params = compact_params(model.config, model.param_dict(), mask_LxI)
+    out = Transformer(cfg, params)
+    out.source = getattr(model, "source", None)
+    return out

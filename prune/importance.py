@@ -1,0 +1,82 @@
+"""Neuron importance criteria. Each returns scores [L, I] (higher = more important).
+
+MLP neuron j of a layer owns row j of gate_proj and up_proj (HF layout; column j in ours,
+[L, D, I]) and column j of down_proj (row j in ours, [L, I, D]).
+
+  l2          sqrt(|gate_j|^2 + |up_j|^2 + |down_j|^2): the L2 norm over all of the neuron's weights
+              (the paper's "simple layer-wise L2-norm pruning"; its exact formula is unpublished,
+              this is the natural reading, and the variants below are offered beside it)
+  l2_gate     |gate_j|          l2_up  |up_j|          l2_down  |down_j|
+  activation  Minitron-style: for each calibration example, the mean over its real positions of
+              |silu(gate) * up|_j; then the L2 norm of that over examples.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import jax
+import jax.numpy as jnp
+
+from olmo_jax.config import ModelConfig, OlmoJaxError
+from olmo_jax.model import hidden_states
+
+WEIGHT_CRITERIA = ("l2", "l2_gate", "l2_up", "l2_down")
+CRITERIA = WEIGHT_CRITERIA + ("activation",)
+
+
+@jax.jit
+def _weight_sq_norms(mlp_params):
+    f32 = lambda x: x.astype(jnp.float32)
+    return {
+        "gate": jnp.sum(f32(mlp_params["gate_proj"]) ** 2, axis=1),   # [L, I]
+        "up": jnp.sum(f32(mlp_params["up_proj"]) ** 2, axis=1),
+        "down": jnp.sum(f32(mlp_params["down_proj"]) ** 2, axis=2),
+    }
+
+
+def weight_scores(mlp_params, criterion: str = "l2"):
+    """One jitted pass over the stacked MLP weights -> [L, I] float32."""
+    sq = _weight_sq_norms(mlp_params)
+    parts = {"l2": ("gate", "up", "down"), "l2_gate": ("gate",), "l2_up": ("up",),
+             "l2_down": ("down",)}[criterion]
+    return jnp.sqrt(sum(sq[p] for p in parts))
+
+
+def activation_scores(cfg: ModelConfig, params, batches: Iterable[dict]):
+    """[L, I]: L2 over calibration examples of each example's mean |activation| over real tokens."""
+    fn = jax.jit(lambda p, b: _per_example_mean_abs_act(cfg, p, b))
+    total = None
+    for batch in batches:
+        stats_LxBxI = fn(params, batch)
+        sq = jnp.sum(stats_LxBxI ** 2, axis=1)
+        total = sq if total is None else total + sq
+    if total is None:
+        raise OlmoJaxError("the activation criterion needs calibration batches; none were given")
+    return jnp.sqrt(total)
+
+
+def _per_example_mean_abs_act(cfg, params, batch):
+    def stat(act_BxTxI, seg_BxT):
+        real = (seg_BxT != 0).astype(jnp.float32)[:, :, None]
+        summed = jnp.sum(jnp.abs(act_BxTxI.astype(jnp.float32)) * real, axis=1)
+        return summed / jnp.maximum(jnp.sum(real, axis=1), 1.0)        # [B, I]
+    # Padding rows of a batch (all-zero segment ids) contribute 0, so they do not change the L2.
+    _, stats = hidden_states(cfg, params, batch["tokens"], batch["positions"], batch["segment_ids"],
+                             mlp_stat=stat)
+    return stats
+
+
+def importance(model_or_params, criterion: str = "l2", *, config: ModelConfig | None = None,
+               batches: Iterable[dict] | None = None):
+    """Scores [L, I] for a `Transformer` (or a params dict with `config=`)."""
+    if criterion not in CRITERIA:
+        raise OlmoJaxError(f"unknown pruning criterion {criterion!r}; choose from {CRITERIA}")
+    if hasattr(model_or_params, "param_dict"):
+        config, params = model_or_params.config, model_or_params.param_dict()
+    else:
+        params = model_or_params
+    if criterion in WEIGHT_CRITERIA:
+        return weight_scores(params["layers"]["mlp"], criterion)
+    if config is None:
+        raise OlmoJaxError("the activation criterion needs the model config")
+    return activation_scores(config, params, batches or [])

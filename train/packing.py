@@ -1,0 +1,200 @@
+"""Build rows and batches in the one batch format (docs/DESIGN.md), from token-id lists. Pure NumPy.
+
+A *row* is a dict of 1-D arrays, one example before batching:
+  tokens, positions, segment_ids   [T_row] int32
+  tgt_pos, tgt_tok, tgt_group      [S_row] int32
+  tgt_weight                       [S_row] float32
+`collate` right-pads rows to a shared bucketed length and stacks them into the batch dict
+(`[B, T]` / `[B, S]`).
+
+Targets: the output at index `tgt_pos[s]` of the row predicts `tgt_tok[s]`.
+
+Groups (`tgt_group`): `c` >= 0 marks a target that belongs to continuation (choice) `c`: the
+per-choice score is the sum of its targets' log-probs. Targets that belong to no continuation
+(the prompt's own next-token targets under `loss_on="all"`, and every target of `pack_prompt`)
+have group -1 **with weight 1**; padding targets have group -1 with weight 0. So "is this a real
+target" is always `tgt_weight > 0`, never the group; scoring code sums groups >= 0 only.
+
+Equivalence: `pack_branches(p, [c0, ..., c4])` with `loss_on="continuation"` gives, target for
+target, the same predictions (same tokens, positions and visible context for each target) as the
+five rows `pack_sequence(p, c_i)`: the attention rule lets a branch see the shared prefix and
+itself only, and its positions restart at len(p). With `loss_on="all"` the prompt's own targets
+appear once in the packed row, not five times.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+ROW_KEYS = ("tokens", "positions", "segment_ids", "tgt_pos", "tgt_tok", "tgt_weight", "tgt_group")
+SEQ_KEYS = ("tokens", "positions", "segment_ids")
+TGT_KEYS = ("tgt_pos", "tgt_tok", "tgt_weight", "tgt_group")
+LOSS_ON = ("continuation", "all")
+
+DEFAULT_SEQ_BUCKETS = (64, 128, 256, 512)
+DEFAULT_TGT_BUCKETS = (8, 16, 32, 64, 128, 256)
+
+# Padding values per key (tokens use the caller's pad id).
+_PAD = {"positions": 0, "segment_ids": 0, "tgt_pos": 0, "tgt_tok": 0, "tgt_weight": 0.0, "tgt_group": -1}
+_DTYPE = {k: np.int32 for k in ROW_KEYS} | {"tgt_weight": np.float32}
+
+
+def _ids(x, what: str) -> np.ndarray:
+    a = np.asarray(list(x) if not isinstance(x, np.ndarray) else x, dtype=np.int64).reshape(-1)
+    if a.size and a.min() < 0:
+        raise ValueError(f"{what} holds a negative token id ({int(a.min())})")
+    return a.astype(np.int32)
+
+
+def _check_loss_on(loss_on: str):
+    if loss_on not in LOSS_ON:
+        raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
+
+
+def _row(tokens, positions, segment_ids, tgt_pos, tgt_tok, tgt_group) -> dict[str, np.ndarray]:
+    row = {
+        "tokens": np.asarray(tokens, np.int32),
+        "positions": np.asarray(positions, np.int32),
+        "segment_ids": np.asarray(segment_ids, np.int32),
+        "tgt_pos": np.asarray(tgt_pos, np.int32),
+        "tgt_tok": np.asarray(tgt_tok, np.int32),
+        "tgt_group": np.asarray(tgt_group, np.int32),
+    }
+    row["tgt_weight"] = np.ones(row["tgt_pos"].shape, np.float32)
+    return row
+
+
+def pack_sequence(context_ids: Sequence[int], continuation_ids: Sequence[int], *,
+                  loss_on: str = "continuation") -> dict[str, np.ndarray]:
+    """One plain sequence `context + continuation` (segment 1, positions 0..L-1).
+
+    loss_on="continuation": one target per continuation token, predicted from the token before
+      it (so the first from the context's last token); group 0.
+    loss_on="all": every next-token target of the row (L-1 of them); the context's own targets
+      get group -1, the continuation's group 0. The continuation may then be empty.
+    """
+    _check_loss_on(loss_on)
+    ctx, cont = _ids(context_ids, "context"), _ids(continuation_ids, "continuation")
+    if ctx.size == 0:
+        raise ValueError("empty context: the first continuation token needs a token to be predicted from")
+    if cont.size == 0 and loss_on == "continuation":
+        raise ValueError("empty continuation with loss_on='continuation' gives a row with no targets")
+    tokens = np.concatenate([ctx, cont])
+    n, p = tokens.size, ctx.size
+    first = p if loss_on == "continuation" else 1
+    idx = np.arange(first, n)  # indices of target tokens
+    group = np.where(idx >= p, 0, -1)
+    return _row(tokens, np.arange(n), np.ones(n), idx - 1, tokens[idx], group)
+
+
+def pack_branches(prompt_ids: Sequence[int], continuations: Sequence[Sequence[int]], *,
+                  loss_on: str = "continuation") -> dict[str, np.ndarray]:
+    """The prompt once (segment 1, positions 0..P-1), then continuation c as a branch
+    (segment 2+c, positions P..P+len_c-1).
+
+    Branch c's targets: its first token predicted from the prompt's last token (tgt_pos = P-1),
+    each later token from the branch token before it; group c. loss_on="all" adds the prompt's
+    own next-token targets (group -1) once, before the branches' targets.
+    """
+    _check_loss_on(loss_on)
+    prompt = _ids(prompt_ids, "prompt")
+    conts = [_ids(c, f"continuation {i}") for i, c in enumerate(continuations)]
+    if prompt.size == 0:
+        raise ValueError("empty prompt: a branch's first token needs a prompt token to be predicted from")
+    if not conts:
+        raise ValueError("pack_branches needs at least one continuation")
+    for i, c in enumerate(conts):
+        if c.size == 0:
+            raise ValueError(f"continuation {i} is empty")
+    p = prompt.size
+    tokens, positions, segs = [prompt], [np.arange(p)], [np.ones(p)]
+    tgt_pos, tgt_tok, tgt_group = [], [], []
+    if loss_on == "all":
+        tgt_pos.append(np.arange(p - 1))
+        tgt_tok.append(prompt[1:])
+        tgt_group.append(np.full(p - 1, -1))
+    offset = p
+    for c, cont in enumerate(conts):
+        k = cont.size
+        tokens.append(cont)
+        positions.append(p + np.arange(k))
+        segs.append(np.full(k, 2 + c))
+        tgt_pos.append(np.concatenate([[p - 1], offset + np.arange(k - 1)]))
+        tgt_tok.append(cont)
+        tgt_group.append(np.full(k, c))
+        offset += k
+    cat = np.concatenate
+    return _row(cat(tokens), cat(positions), cat(segs), cat(tgt_pos), cat(tgt_tok), cat(tgt_group))
+
+
+def pack_prompt(prompt_ids: Sequence[int]) -> dict[str, np.ndarray]:
+    """The prompt alone, with a target at EVERY position 0..P-1 (group -1), including the
+    prediction after its last token. That last prediction has no next token in the row: its
+    `tgt_tok` is 0 (a placeholder). For label-free losses (KL to a teacher) only, which use
+    `tgt_pos` and ignore `tgt_tok`; a CE on this row would be wrong at that position.
+    """
+    prompt = _ids(prompt_ids, "prompt")
+    if prompt.size == 0:
+        raise ValueError("empty prompt")
+    p = prompt.size
+    tok = np.concatenate([prompt[1:], [0]])
+    return _row(prompt, np.arange(p), np.ones(p), np.arange(p), tok, np.full(p, -1))
+
+
+def row_lengths(row: dict[str, np.ndarray]) -> tuple[int, int]:
+    """(sequence length, number of targets) of one row."""
+    return int(row["tokens"].shape[0]), int(row["tgt_pos"].shape[0])
+
+
+def pick_bucket(length: int, buckets: Sequence[int], what: str = "length") -> int:
+    """The smallest bucket >= length; ValueError naming the length if none fits."""
+    fitting = [b for b in buckets if b >= length]
+    if not fitting:
+        raise ValueError(f"{what} {length} exceeds the largest bucket {max(buckets) if buckets else None} "
+                         f"(buckets {tuple(buckets)})")
+    return min(fitting)
+
+
+def collate(rows: Sequence[dict[str, np.ndarray]], *, seq_buckets: Sequence[int] = DEFAULT_SEQ_BUCKETS,
+            tgt_buckets: Sequence[int] = DEFAULT_TGT_BUCKETS, pad_id: int = 0,
+            batch_size: int | None = None, min_seq_len: int = 0,
+            min_tgt_len: int = 0) -> dict[str, np.ndarray]:
+    """Stacks rows into the batch dict: [B, T] and [B, S] arrays, right-padded.
+
+    T (S) is the smallest seq (tgt) bucket that fits the longest row, and at least `min_seq_len`
+    (`min_tgt_len`) — multi-host callers pass the global batch's lengths there so every host
+    picks the same shapes. Padding: tokens `pad_id`, positions 0, segment 0, tgt_pos 0,
+    tgt_tok 0, tgt_weight 0, tgt_group -1. `batch_size` appends empty (all-padding) rows up to B.
+    """
+    rows = list(rows)
+    b = len(rows) if batch_size is None else batch_size
+    if b < len(rows):
+        raise ValueError(f"batch_size {batch_size} < number of rows {len(rows)}")
+    if b == 0:
+        raise ValueError("collate needs at least one row (or batch_size > 0)")
+    lens = [row_lengths(r) for r in rows]
+    max_t = max([min_seq_len] + [t for t, _ in lens])
+    max_s = max([min_tgt_len] + [s for _, s in lens])
+    t_len = pick_bucket(max_t, seq_buckets, "sequence length")
+    s_len = pick_bucket(max_s, tgt_buckets, "number of targets")
+    out = {}
+    for key in ROW_KEYS:
+        width = t_len if key in SEQ_KEYS else s_len
+        fill = pad_id if key == "tokens" else _PAD[key]
+        arr = np.full((b, width), fill, dtype=_DTYPE[key])
+        for i, r in enumerate(rows):
+            v = r[key]
+            arr[i, :v.shape[0]] = v
+        out[key] = arr
+    return out
+
+
+def tokens_in_batch(batch: dict[str, np.ndarray]) -> int:
+    """Real (non-padding) tokens in a batch, for throughput."""
+    return int(np.count_nonzero(np.asarray(batch["segment_ids"])))
+
+
+def targets_in_batch(batch: dict[str, np.ndarray]) -> int:
+    """Real targets in a batch."""
+    return int(np.count_nonzero(np.asarray(batch["tgt_weight"])))
