@@ -1,0 +1,25 @@
+"""A tiny random Llama with the SmolLM2 tokenizer: the pipeline end to end in seconds (tests/CI).
+
+    python -m train.pipeline --config=configs/tiny.py --workdir=/tmp/tiny \
+        --config.model.src=DIR   # DIR: made by tests (tiny HF dir with tokenizer files)
+"""
+from configs.smollm2_csqa import base
+
+
+def get_config(arg: str | None = None):
+    c = base()
+    c.model.src = arg or ""
+    c.prune.calib_examples = 16
+    c.data.train_examples = 32
+    c.data.batch_size = 4
+    c.train.steps = 4
+    c.train.ckpt_every = 2
+    c.train.progress = False
+    c.opt.lr = 1e-3
+    c.opt.warmup_steps = 1
+    c.eval.limit = 12
+    c.eval.batch_size = 8
+    c.pipeline.ratios = [0.5]
+    c.pipeline.data_sizes = [8, 16]
+    c.pipeline.data_size_ratio = 0.5
+    return c

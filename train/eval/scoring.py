@@ -1,0 +1,100 @@
+"""Batched, jit-compiled log-likelihood scoring of multiple-choice continuations.
+
+Each question's context is computed once: the context and its candidate continuations are packed
+into one row (`train.packing.pack_branches`: each continuation is a branch that sees the context
+and itself), so a 5-choice question costs one context plus five short continuations instead of
+five full sequences. Rows are padded into a few length buckets, so XLA compiles a handful of
+programs. Log-probs are computed only at target positions, chunked, in float32.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from olmo_jax.config import ModelConfig
+from olmo_jax.model import gather_positions, head_weight, hidden_states
+from train.data import bos_prefix, tokenizer_pad_id
+from train.packing import DEFAULT_SEQ_BUCKETS, collate, pack_branches
+
+# Finer than training's buckets at the short end: a CSQA question packs into ~40 tokens and an
+# unconditional one into ~20, so 32/48 instead of 64 halves the padded work for one extra compile.
+SEQ_BUCKETS = (32, 48) + DEFAULT_SEQ_BUCKETS + (1024, 2048)
+TGT_BUCKETS = (8, 16, 32, 64, 128, 256, 512)
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One scoring unit: a context and its candidate continuations (strings)."""
+    context: str
+    continuations: tuple[str, ...]
+
+
+def _target_logprobs(h_BxSxD, w_DxV, tok_BxS, chunk: int = 32):
+    """log softmax(h @ w)[tok] per target, chunk positions at a time (no [B, S, V] tensor)."""
+    b, s, d = h_BxSxD.shape
+    n = -(-s // chunk)
+    h = jnp.pad(h_BxSxD, ((0, 0), (0, n * chunk - s), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)
+    t = jnp.pad(tok_BxS, ((0, 0), (0, n * chunk - s))).reshape(b, n, chunk).swapaxes(0, 1)
+
+    def one(args):
+        hc, tc = args
+        logits = jnp.einsum("bcd,dv->bcv", hc.astype(jnp.float32), w_DxV.astype(jnp.float32))
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        return jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0] - lse
+
+    return jax.lax.map(one, (h, t)).swapaxes(0, 1).reshape(b, n * chunk)[:, :s]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _score_batch(cfg: ModelConfig, params, batch):
+    h = hidden_states(cfg, params, batch["tokens"], batch["positions"], batch["segment_ids"])
+    lp = _target_logprobs(gather_positions(h, batch["tgt_pos"]), head_weight(cfg, params), batch["tgt_tok"])
+    return lp * batch["tgt_weight"]
+
+
+def tokenize_items(items: Sequence[Item], tokenizer):
+    """Context and continuations tokenised separately (no special tokens; BOS once if the
+    tokenizer normally adds one), as in OLMES' per-request scoring."""
+    bos = bos_prefix(tokenizer)
+    contexts = sorted({it.context for it in items})
+    conts = sorted({c for it in items for c in it.continuations})
+    enc = lambda texts: dict(zip(texts, tokenizer(list(texts), add_special_tokens=False)["input_ids"])) if texts else {}
+    ctx_ids, cont_ids = enc(contexts), enc(conts)
+    return [(bos + list(ctx_ids[it.context]), [list(cont_ids[c]) for c in it.continuations]) for it in items]
+
+
+def score_items(cfg: ModelConfig, params, tokenizer, items: Sequence[Item], *, batch_size: int = 32,
+                progress: bool = False):
+    """Returns (loglik [N, C], num_tokens [N, C]) float64/int arrays; C = max choices."""
+    toks = tokenize_items(items, tokenizer)
+    c_max = max(len(it.continuations) for it in items)
+    loglik = np.zeros((len(items), c_max))
+    ntok = np.zeros((len(items), c_max), np.int64)
+    pad = tokenizer_pad_id(tokenizer)
+    # Sort by length so each batch pads little; results go back to their original index.
+    order = sorted(range(len(items)), key=lambda i: len(toks[i][0]) + sum(map(len, toks[i][1])))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(items), desc="eval", dynamic_ncols=True)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        rows = [pack_branches(*toks[i]) for i in idx]
+        batch = collate(rows, seq_buckets=SEQ_BUCKETS, tgt_buckets=TGT_BUCKETS, pad_id=pad, batch_size=batch_size)
+        lp = np.asarray(_score_batch(cfg, params, {k: jnp.asarray(v) for k, v in batch.items()}), np.float64)
+        for r, i in enumerate(idx):
+            g = batch["tgt_group"][r]
+            for c in range(len(items[i].continuations)):
+                sel = g == c
+                loglik[i, c] = lp[r][sel].sum()
+                ntok[i, c] = int(sel.sum())
+        if bar is not None:
+            bar.update(len(idx))
+    if bar is not None:
+        bar.close()
+    return loglik, ntok

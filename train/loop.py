@@ -1,0 +1,193 @@
+"""The training loop: Orbax checkpoints (save every N, keep K, resume from the latest good one),
+JSONL + TensorBoard metrics, a progress bar, SIGTERM preemption, and a non-finite-loss halt.
+
+Exact resume: the data order is a pure function of (seed, step) and the whole train state (step,
+params, optimizer moments) is checkpointed, so a killed and relaunched run ends bitwise equal to an
+uninterrupted one (CPU, float32). The metrics log is truncated to the restored step on resume, so
+it has neither gaps nor duplicate steps.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh
+
+from olmo_jax.config import ModelConfig, OlmoJaxError
+from train import step as step_lib
+from train.optim import make_schedule
+
+log = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the run saved a checkpoint on SIGTERM; relaunch to continue
+
+
+class Preempted(Exception):
+    def __init__(self, step: int):
+        super().__init__(f"preempted: checkpoint saved at step {step}; relaunch the same command to continue")
+        self.step = step
+
+
+class _SigtermFlag:
+    """Turns SIGTERM into a flag checked at step boundaries (saving mid-step is not possible)."""
+
+    def __init__(self):
+        self.set = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no preemption handling
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.set = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def checkpoint_manager(directory: str, *, every: int, keep: int) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
+                                           enable_async_checkpointing=False)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state) -> tuple[Any, int] | None:
+    """The newest checkpoint that restores; a corrupt or truncated one is skipped with a warning.
+    Checkpoints that exist but none restores is an error: never silently start over."""
+    steps = sorted(mngr.all_steps(), reverse=True)
+    for s in steps:
+        try:
+            restored = mngr.restore(s, args=ocp.args.StandardRestore(abstract_state))
+            return restored, s
+        except Exception as e:  # orbax raises many types for damaged files
+            log.warning("checkpoint at step %d is unreadable (%s); falling back to an earlier one", s,
+                        str(e).splitlines()[0][:200])
+            print(f"warning: checkpoint at step {s} is unreadable; falling back to an earlier one", flush=True)
+    if steps:
+        raise OlmoJaxError(f"no readable checkpoint among steps {steps} in {mngr.directory}")
+    return None
+
+
+class MetricsLog:
+    """metrics.jsonl (one line per logged step) + TensorBoard events."""
+
+    def __init__(self, workdir: str, resume_step: int):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._truncate_after(resume_step)
+        self.f = open(self.path, "a")
+        from tensorboardX import SummaryWriter
+        self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+    def _truncate_after(self, step: int):
+        if not os.path.exists(self.path):
+            return
+        keep = []
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a kill
+                    continue
+                if rec.get("step", 0) <= step:
+                    keep.append(json.dumps(rec))
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write("".join(k + "\n" for k in keep))
+        os.replace(tmp, self.path)
+
+    def write(self, step: int, metrics: dict[str, float]):
+        rec = {"step": step} | metrics
+        self.f.write(json.dumps(rec) + "\n")
+        self.f.flush()
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)):
+                self.tb.add_scalar(k, v, step)
+
+    def close(self):
+        self.f.close()
+        self.tb.close()
+
+
+def global_batch(local: dict[str, np.ndarray], shardings) -> dict[str, jax.Array]:
+    """Assembles the global batch from each process's local rows (also right on one process)."""
+    return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in local.items()}
+
+
+def train(*, workdir: str, model_cfg: ModelConfig, params, mesh: Mesh, batcher, total_steps: int,
+          opt_cfg, loss: step_lib.LossConfig, teacher: tuple[ModelConfig, Any] | None = None,
+          neuron_mask=None, grad_accum: int = 1, remat: bool = False, ckpt_every: int = 50,
+          keep: int = 2, log_every: int = 1, progress: bool = True,
+          eval_fn: Callable[[Any, int], dict] | None = None, eval_every: int = 0) -> Any:
+    """Runs (or resumes) recovery training in `workdir`; returns the final params."""
+    os.makedirs(workdir, exist_ok=True)
+    optimizer = step_lib.build_optimizer(opt_cfg, total_steps, neuron_mask)
+    schedule = make_schedule(opt_cfg, total_steps)
+    state = step_lib.init_state(step_lib.place_params(model_cfg, params, mesh), optimizer, mesh)
+    mngr = checkpoint_manager(os.path.join(workdir, "checkpoints"), every=ckpt_every, keep=keep)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    restored = restore_latest(mngr, abstract)
+    start = 0
+    if restored is not None:
+        state, start = restored
+        print(f"resumed from step {start}", flush=True)
+    teacher_params = None if teacher is None else step_lib.place_params(teacher[0], teacher[1], mesh)
+    fn = step_lib.make_train_step(model_cfg, optimizer, loss, teacher_cfg=None if teacher is None else teacher[0],
+                                  remat=remat, lr_schedule=schedule)
+    example = step_lib.split_micro_batches(batcher.batch_at(start), grad_accum)
+    step_fn = step_lib.jit_train_step(fn, mesh, state, teacher_params, example)
+    metrics_log = MetricsLog(workdir, start)
+    bar = _progress(progress, start, total_steps)
+    last_good = start if restored is not None else None
+    try:
+        with _SigtermFlag() as sigterm:
+            for step in range(start, total_steps):
+                t0 = time.perf_counter()
+                mb = step_lib.split_micro_batches(batcher.batch_at(step), grad_accum)
+                state, metrics = step_fn(state, teacher_params, global_batch(mb, step_lib.batch_shardings(mesh, mb)))
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                dt = time.perf_counter() - t0
+                if not math.isfinite(metrics["loss"]):
+                    where = f"step {last_good}" if last_good is not None else "none saved yet"
+                    raise OlmoJaxError(f"non-finite loss ({metrics['loss']}) at step {step + 1}; "
+                                       f"training halted; last good checkpoint: {where}")
+                metrics |= {"step_time_s": dt, "tokens_per_s": batcher.tokens_in_batch(step) / dt}
+                done = step + 1
+                if eval_fn is not None and eval_every and done % eval_every == 0:
+                    metrics |= eval_fn(state["params"], done)
+                if done % log_every == 0 or done == total_steps:
+                    metrics_log.write(done, metrics)
+                if mngr.should_save(done) or done == total_steps or sigterm.set:
+                    mngr.save(done, args=ocp.args.StandardSave(state), force=True)
+                    mngr.wait_until_finished()
+                    last_good = done
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+                if sigterm.set and done < total_steps:
+                    raise Preempted(done)
+    finally:
+        if bar is not None:
+            bar.close()
+        metrics_log.close()
+        mngr.close()
+    return state["params"]
+
+
+def _progress(enabled: bool, start: int, total: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)

@@ -1,0 +1,59 @@
+"""One recovery run (library): data for the chosen loss, the teacher, the loop, the result."""
+from __future__ import annotations
+
+import jax
+
+from olmo_jax.config import OlmoJaxError
+from olmo_jax.model import Transformer
+from olmo_jax.sharding import check_batch_divisible, make_mesh
+from train import data as data_lib
+from train.loop import train
+from train.step import LossConfig
+
+
+def mesh_from_config(mesh_cfg):
+    return make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
+
+
+def loss_config(config) -> LossConfig:
+    d = config.distill
+    return LossConfig(kind=config.train.loss, temperature=d.temperature, reverse=d.reverse,
+                      top_k=d.top_k or None, alpha=d.alpha, chunk=d.chunk or None)
+
+
+def make_train_batcher(config, tokenizer, *, train_examples: int | None = None):
+    """CE: question + gold answer; KL: `distill.inputs` (default: the five choices, no label).
+    Both use the same seed, so they see the same questions in the same order at every step."""
+    kind = config.train.loss
+    limit = train_examples if train_examples is not None else (config.data.train_examples or None)
+    if config.data.batch_size < 1:
+        raise OlmoJaxError(f"data.batch_size must be >= 1, got {config.data.batch_size}")
+    try:
+        return data_lib.make_batcher(
+            tokenizer, split="train", mode=kind, inputs=config.distill.inputs,
+            positions=(config.distill.positions if kind == "kl" else None),
+            batch_size=config.data.batch_size, seed=config.data.seed, limit=limit, hf_hub=config.data.hf_hub,
+            process_index=jax.process_index(), process_count=jax.process_count())
+    except ValueError as e:
+        raise OlmoJaxError(str(e)) from e
+
+
+def recover(config, workdir: str, student: Transformer, teacher: Transformer | None, tokenizer, *,
+            mesh=None, neuron_mask=None, train_examples: int | None = None, eval_fn=None) -> Transformer:
+    """Trains `student` with config.train.loss; returns the recovered model (same config)."""
+    loss = loss_config(config)
+    if loss.kind == "kl" and teacher is None:
+        raise OlmoJaxError("train.loss=kl needs the unpruned teacher")
+    mesh = mesh or mesh_from_config(config.mesh)
+    check_batch_divisible(config.data.batch_size // config.train.grad_accum, mesh)
+    batcher = make_train_batcher(config, tokenizer, train_examples=train_examples)
+    params = train(
+        workdir=workdir, model_cfg=student.config, params=student.param_dict(), mesh=mesh, batcher=batcher,
+        total_steps=config.train.steps, opt_cfg=config.opt, loss=loss,
+        teacher=None if loss.kind == "ce" else (teacher.config, teacher.param_dict()),
+        neuron_mask=neuron_mask, grad_accum=config.train.grad_accum, remat=config.train.remat,
+        ckpt_every=config.train.ckpt_every, keep=config.train.keep, log_every=config.train.log_every,
+        progress=config.train.progress, eval_fn=eval_fn, eval_every=config.train.eval_every)
+    out = Transformer(student.config, params)
+    out.source = getattr(student, "source", None)
+    return out
