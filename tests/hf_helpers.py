@@ -37,3 +37,15 @@ def torch_logits(tm, ids, attention_mask=None):
         out = tm(torch.tensor(np.asarray(ids)), attention_mask=None if attention_mask is None
                  else torch.tensor(np.asarray(attention_mask)), output_hidden_states=True)
     return out.logits.numpy(), [h.numpy() for h in out.hidden_states]
+
+
+def tiny_model_dir(path, arch="llama", seed=0):
+    """A tiny random model that uses the real SmolLM2 tokenizer (vocab 49152), saved as an HF dir
+    with tokenizer files: enough to run the whole pipeline in seconds."""
+    import olmo_jax
+    hf = tiny_hf_config(arch, layers=2, hidden=32, heads=4, kv_heads=2, head_dim=8, intermediate=64,
+                        vocab=49152, tied=arch == "llama")
+    hf.update(pad_token_id=2, bos_token_id=1, eos_token_id=2)
+    torch_model(hf, seed).save_pretrained(str(path))
+    olmo_jax.load_tokenizer("smollm2").save_pretrained(str(path))
+    return str(path)

@@ -1,0 +1,260 @@
+"""The study end to end: dense eval -> for each ratio: prune, recover with CE (L2PFT) and KL (L2PSD)
+from the same pruned start (same data order, steps, seed) -> eval -> results.json, results.md, plots.
+
+    python -m train.pipeline --config=configs/smollm2_csqa.py --workdir=runs/demo
+
+Every stage writes into WORKDIR/<stage>/ and marks itself done with a `done.json`; relaunching on
+the same workdir skips finished stages and resumes an interrupted training run from its last
+checkpoint. Stage names say what they hold: dense, prune-l2-0.3, run-l2-0.3-kl, ...
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+import olmo_jax
+import prune as prune_lib
+from olmo_jax import checkpoint, fsutil
+from olmo_jax.cli import user_errors
+from olmo_jax.config import OlmoJaxError
+from olmo_jax.distributed import maybe_initialize
+from olmo_jax.model import Transformer
+from train.eval.metrics import paired_bootstrap
+from train.eval.run import correctness, evaluate_params
+from train.loop import EXIT_PREEMPTED, Preempted
+from train.recover import make_train_batcher, mesh_from_config, recover
+
+DONE = "done.json"
+
+
+# ---- stages -----------------------------------------------------------------------------------
+
+class Stages:
+    """A stage runs once: its directory gets `done.json` (with its result) only when it finished."""
+
+    def __init__(self, workdir: str, log: Callable[[str], None] = print):
+        self.workdir = os.path.abspath(workdir)
+        self.log = log
+        self.ran: list[str] = []
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.workdir, name)
+
+    def result(self, name: str) -> dict | None:
+        p = os.path.join(self.path(name), DONE)
+        return json.load(open(p)) if os.path.isfile(p) else None
+
+    def run(self, name: str, fn: Callable[[str], dict]) -> dict:
+        done = self.result(name)
+        if done is not None:
+            return done
+        self.log(f"[stage] {name}")
+        os.makedirs(self.path(name), exist_ok=True)
+        t0 = time.perf_counter()
+        out = fn(self.path(name))
+        out = dict(out, wall_s=out.get("wall_s", time.perf_counter() - t0))
+        fsutil.atomic_write_json(os.path.join(self.path(name), DONE), out)
+        self.ran.append(name)
+        return out
+
+
+def _load(path: str, config) -> Transformer:
+    return olmo_jax.from_pretrained(path, dtype=config.model.dtype, compute_dtype=config.model.compute_dtype)
+
+
+def _save(model: Transformer, out: str, meta: dict | None = None):
+    """Our checkpoint at out/model (a stage directory is created before the stage runs)."""
+    olmo_jax.save_checkpoint(model, os.path.join(out, "model"), meta=meta, overwrite=True)
+
+
+def _eval(config, model: Transformer, tokenizer, out: str, *, split="validation", limit=None) -> dict:
+    res = evaluate_params(model.config, model.param_dict(), tokenizer, config.eval.task, split=split,
+                          limit=(config.eval.limit or None) if limit is None else limit,
+                          batch_size=config.eval.batch_size, progress=config.train.progress)
+    fsutil.atomic_write_json(os.path.join(out, "eval.json"), res)
+    return {k: v for k, v in res.items() if k != "predictions"}
+
+
+def _flops_per_token(cfg) -> float:
+    """Forward FLOPs per token, 2 * N (N = all matmul parameters incl. the LM head; attention
+    scores are ignored: they are <2% at these lengths). Training = 3x forward (6N)."""
+    n = cfg.num_params()
+    matmul = n["total"] - (n["embedding"] if not cfg.tie_word_embeddings else 0) + cfg.vocab_size * cfg.hidden_size
+    return 2.0 * matmul
+
+
+# ---- the pipeline -----------------------------------------------------------------------------
+
+def run_pipeline(config, workdir: str) -> dict:
+    maybe_initialize(config.jax)
+    os.makedirs(workdir, exist_ok=True)
+    _check_workdir(config, workdir)
+    st = Stages(workdir)
+    p = config.pipeline
+    tokenizer_src = olmo_jax.assets.resolve(config.model.src)
+
+    def dense_stage(out):
+        model = _load(config.model.src, config)
+        _save(model, out, meta={"source": model.source})
+        return {"source": model.source, "params": model.config.num_params()}
+
+    st.run("dense", dense_stage)
+    dense_path = os.path.join(st.path("dense"), "model")
+    tokenizer = olmo_jax.load_tokenizer(dense_path)
+    dense = _load(dense_path, config)
+    mesh = mesh_from_config(config.mesh)
+    results: dict[str, Any] = {"config": config.to_dict(), "runs": {}}
+    if p.get("eval_dense", True):
+        results["dense"] = st.run("eval-dense", lambda out: _eval(config, dense, tokenizer, out))
+
+    def prune_stage(criterion, ratio):
+        name = f"prune-{criterion}-{ratio}"
+
+        def fn(out):
+            batches = None
+            if criterion == "activation":
+                from train.data import calibration_batches
+                batches = calibration_batches(tokenizer, config.prune.calib_examples)
+            pruned = prune_lib.prune(dense, ratio, criterion, mode=config.prune.mode,
+                                     multiple_of=config.prune.multiple_of, batches=batches)
+            kept = (pruned.config.intermediate_size if config.prune.mode == "compact"
+                    else int(pruned.neuron_mask.get_value()[0].sum()))
+            rep = prune_lib.report(dense.config, kept, criterion=criterion, ratio=ratio, mode=config.prune.mode)
+            _save(pruned, out, meta={"prune": rep})
+            if config.prune.mode == "mask":
+                np.save(os.path.join(out, "neuron_mask.npy"), pruned.neuron_mask.get_value())
+            return {"report": rep, "eval": _eval(config, pruned, tokenizer, out)}
+
+        return name, st.run(name, fn)
+
+    def load_pruned(name):
+        model = _load(os.path.join(st.path(name), "model"), config)
+        mask_path = os.path.join(st.path(name), "neuron_mask.npy")
+        return model, (np.load(mask_path) if os.path.exists(mask_path) else None)
+
+    def train_stage(criterion, ratio, method, *, train_examples=None, steps=None, tag=""):
+        pname, _ = prune_stage(criterion, ratio)
+        name = f"run-{criterion}-{ratio}-{method}{tag}"
+
+        def fn(out):
+            student, mask = load_pruned(pname)
+            cfg = config.copy_and_resolve_references()
+            cfg.train.loss = method
+            if steps is not None:
+                cfg.train.steps = steps
+            t0 = time.perf_counter()
+            model = recover(cfg, os.path.join(out, "train"), student, dense, tokenizer, mesh=mesh,
+                            neuron_mask=mask, train_examples=train_examples)
+            wall = time.perf_counter() - t0
+            _save(model, out, meta={"method": method, "ratio": ratio, "criterion": criterion})
+            if p.export_hf:
+                olmo_jax.api.save_params_pretrained(model.config, model.param_dict(), os.path.join(out, "hf"),
+                                                    tokenizer_src=dense_path, overwrite=True)
+            tokens = _train_tokens(cfg, tokenizer, train_examples)
+            fpt_s, fpt_t = _flops_per_token(model.config), _flops_per_token(dense.config)
+            flops = 3 * fpt_s * tokens + (fpt_t * tokens if method == "kl" else 0.0)
+            shutil.rmtree(os.path.join(out, "train", "checkpoints"), ignore_errors=True)  # final model kept
+            return {"method": method, "ratio": ratio, "criterion": criterion, "steps": cfg.train.steps,
+                    "train_examples": train_examples or cfg.data.train_examples, "train_wall_s": wall,
+                    "input_tokens": tokens, "train_flops": flops, "eval": _eval(config, model, tokenizer, out)}
+
+        results["runs"][name] = st.run(name, fn)
+        return results["runs"][name]
+
+    crit = config.prune.criterion
+    for ratio in p.ratios:
+        pname, pres = prune_stage(crit, ratio)
+        results["runs"][pname] = pres
+        for method in p.methods:
+            train_stage(crit, ratio, method)
+    focus = p.data_size_ratio
+    for extra in [c for c in p.criteria if c != crit]:
+        pname, pres = prune_stage(extra, focus)
+        results["runs"][pname] = pres
+        for method in p.methods:
+            train_stage(extra, focus, method)
+    for n in p.data_sizes:
+        for method in p.methods:
+            train_stage(crit, focus, method, train_examples=n, tag=f"-n{n}")
+    if p.get("equal_compute", False) and {"ce", "kl"} <= set(p.methods) and focus in p.ratios:
+        ce, kl = results["runs"][f"run-{crit}-{focus}-ce"], results["runs"][f"run-{crit}-{focus}-kl"]
+        steps = int(round(config.train.steps * kl["train_flops"] / ce["train_flops"]))
+        train_stage(crit, focus, "ce", steps=steps, tag="-eqflops")
+
+    results["comparisons"] = _paired(st, results)
+    from train.report import write_report
+    write_report(results, workdir)
+    return results
+
+
+def _train_tokens(cfg, tokenizer, train_examples) -> int:
+    batcher = make_train_batcher(cfg, tokenizer, train_examples=train_examples)
+    return int(sum(batcher.tokens_in_batch(s) for s in range(cfg.train.steps)))
+
+
+def _paired(st: Stages, results: dict) -> dict:
+    """Paired bootstrap of KL vs CE on the same questions, for every (criterion, ratio, tag)."""
+    out = {}
+    for name in results["runs"]:
+        if name.startswith("run-") and "-kl" in name:
+            ce_name = name.replace("-kl", "-ce")
+            a, b = (os.path.join(st.path(n), "eval.json") for n in (name, ce_name))
+            if os.path.exists(a) and os.path.exists(b):
+                out[f"{name} vs {ce_name}"] = paired_bootstrap(correctness(json.load(open(a))),
+                                                              correctness(json.load(open(b))))
+    return out
+
+
+def _check_workdir(config, workdir: str):
+    """A workdir belongs to one configuration: relaunching with a different one is refused (it
+    would mix results), except for presentation-only fields."""
+    path = os.path.join(workdir, "pipeline_config.json")
+    cfg = config.to_dict()
+    for volatile in ("progress",):
+        cfg["train"].pop(volatile, None)
+    if os.path.exists(path):
+        old = json.load(open(path))
+        if old != json.loads(json.dumps(cfg)):
+            raise OlmoJaxError(f"workdir {workdir} holds a run with a different config; use a new workdir")
+    else:
+        fsutil.atomic_write_json(path, cfg)
+
+
+def single_run(config, workdir: str) -> dict:
+    """train.main: one recovery run of the configured loss at prune.ratio (dense eval skipped)."""
+    cfg = config.copy_and_resolve_references()
+    cfg.pipeline.ratios = [config.prune.ratio]
+    cfg.pipeline.methods = [config.train.loss]
+    cfg.pipeline.criteria = [config.prune.criterion]
+    cfg.pipeline.data_sizes = []
+    cfg.pipeline.eval_dense = False
+    return run_pipeline(cfg, workdir)
+
+
+config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:variant]).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory; relaunch to resume.")
+
+
+def main(argv):
+    del argv
+    with user_errors():
+        try:
+            results = run_pipeline(flags.FLAGS.config, flags.FLAGS.workdir)
+        except Preempted as e:
+            print(str(e))
+            raise SystemExit(EXIT_PREEMPTED)
+        print(open(os.path.join(flags.FLAGS.workdir, "results.md")).read())
+        del results
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

@@ -1,0 +1,118 @@
+"""results.json, a Markdown table (one row per (ratio, method)) and plots from pipeline results."""
+from __future__ import annotations
+
+import os
+
+from olmo_jax import fsutil
+
+
+def rows(results: dict) -> list[dict]:
+    """One row per pruned model: no recovery, and each recovery method."""
+    out = []
+    runs = results["runs"]
+    for name, r in runs.items():
+        if name.startswith("prune-"):
+            rep = r["report"]
+            out.append(dict(name=name, criterion=rep["criterion"], ratio=rep["ratio"], method="none",
+                            retention_all=rep["retention_all_params"], retention_mlp=rep["retention_mlp_params"],
+                            train_examples=0, steps=0, eval=r["eval"], train_wall_s=0.0, train_flops=0.0))
+    reports = {(r["criterion"], r["ratio"]): r for r in out}
+    for name, r in runs.items():
+        if name.startswith("run-"):
+            base = reports[(r["criterion"], r["ratio"])]
+            out.append(dict(name=name, criterion=r["criterion"], ratio=r["ratio"], method=r["method"],
+                            retention_all=base["retention_all"], retention_mlp=base["retention_mlp"],
+                            train_examples=r["train_examples"], steps=r["steps"], eval=r["eval"],
+                            train_wall_s=r["train_wall_s"], train_flops=r["train_flops"]))
+    return out
+
+
+def markdown(results: dict) -> str:
+    lines = []
+    dense = results.get("dense")
+    if dense:
+        pm = dense["primary_metric"]
+        lines.append(f"Dense (teacher): {pm} = {dense[pm]:.4f} [{dense['ci95'][0]:.3f}, {dense['ci95'][1]:.3f}], "
+                     f"n = {dense['n']}\n")
+    lines.append("| run | criterion | ratio | retention all / MLP | method | examples | steps | acc_per_char [95% CI] | acc_raw | ECE | train s | train TFLOP |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows(results):
+        e = r["eval"]
+        pm = e["primary_metric"]
+        lines.append(
+            f"| {r['name']} | {r['criterion']} | {r['ratio']} | {r['retention_all']:.3f} / {r['retention_mlp']:.3f} | "
+            f"{r['method']} | {r['train_examples']} | {r['steps']} | {e[pm]:.4f} [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}] | "
+            f"{e['acc_raw']:.4f} | {e['calibration']['ece']:.4f} | {r['train_wall_s']:.0f} | {r['train_flops'] / 1e12:.1f} |")
+    if results.get("comparisons"):
+        lines.append("\nPaired bootstrap, KL minus CE (same questions):\n")
+        lines.append("| comparison | mean diff | 95% CI | p |")
+        lines.append("|---|---|---|---|")
+        for k, c in results["comparisons"].items():
+            lines.append(f"| {k} | {c['mean_diff']:+.4f} | [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] | {c['p_value']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(results: dict, workdir: str) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    data = rows(results)
+    main_crit = results["config"]["prune"]["criterion"]
+    n_main = results["config"]["data"]["train_examples"]
+    dense = results.get("dense")
+
+    def by_method(key, filt):
+        groups = {}
+        for r in data:
+            if filt(r):
+                groups.setdefault(r["method"], []).append(r)
+        return {m: sorted(v, key=lambda r: r[key]) for m, v in groups.items()}
+
+    def save(fig, name):
+        path = os.path.join(workdir, name)
+        fig.savefig(path + ".tmp.png", dpi=120, bbox_inches="tight")
+        os.replace(path + ".tmp.png", path)
+        plt.close(fig)
+        made.append(name)
+
+    main = lambda r: r["criterion"] == main_crit and "-n" not in r["name"] and "eqflops" not in r["name"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m, rs in by_method("retention_all", main).items():
+        acc = [r["eval"][r["eval"]["primary_metric"]] for r in rs]
+        err = [[a - r["eval"]["ci95"][0] for a, r in zip(acc, rs)], [r["eval"]["ci95"][1] - a for a, r in zip(acc, rs)]]
+        ax.errorbar([r["retention_all"] for r in rs], acc, yerr=err, marker="o", capsize=3, label=m)
+    if dense:
+        ax.axhline(dense[dense["primary_metric"]], color="gray", ls="--", label="dense")
+    ax.set(xlabel="parameter retention (all parameters)", ylabel="acc_per_char", title="CSQA accuracy vs retention")
+    ax.legend()
+    save(fig, "accuracy_vs_retention.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m, rs in by_method("retention_all", main).items():
+        ax.plot([r["retention_all"] for r in rs], [r["eval"]["calibration"]["ece"] for r in rs], marker="o", label=m)
+    ax.set(xlabel="parameter retention (all parameters)", ylabel="ECE (15 bins)", title="Calibration vs retention")
+    ax.legend()
+    save(fig, "ece_vs_retention.png")
+
+    focus = results["config"]["pipeline"]["data_size_ratio"]
+    sized = lambda r: (r["criterion"] == main_crit and r["ratio"] == focus and r["method"] != "none"
+                       and "eqflops" not in r["name"])
+    groups = by_method("train_examples", sized)
+    if any(len(v) > 1 for v in groups.values()):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for m, rs in groups.items():
+            acc = [r["eval"][r["eval"]["primary_metric"]] for r in rs]
+            ax.plot([r["train_examples"] or n_main for r in rs], acc, marker="o", label=m)
+        ax.set(xscale="log", xlabel="training examples", ylabel="acc_per_char",
+               title=f"Accuracy vs training examples at ratio {focus}")
+        ax.legend()
+        save(fig, "accuracy_vs_examples.png")
+    return made
+
+
+def write_report(results: dict, workdir: str) -> None:
+    results["plots"] = plots(results, workdir)
+    fsutil.atomic_write_json(os.path.join(workdir, "results.json"), results)
+    fsutil.atomic_write_text(os.path.join(workdir, "results.md"), markdown(results))
