@@ -112,7 +112,7 @@ def run_pipeline(config, workdir: str) -> dict:
     dense = _load(dense_path, config)
     mesh = mesh_from_config(config.mesh)
     results: dict[str, Any] = {"config": config.to_dict(), "runs": {}}
-    if p.get("eval_dense", True):
+    if p.eval_dense:
         results["dense"] = st.run("eval-dense", lambda out: _eval(config, dense, tokenizer, out))
 
     def prune_stage(criterion, ratio):
@@ -184,7 +184,7 @@ def run_pipeline(config, workdir: str) -> dict:
     for n in p.data_sizes:
         for method in p.methods:
             train_stage(crit, focus, method, train_examples=n, tag=f"-n{n}")
-    if p.get("equal_compute", False) and {"ce", "kl"} <= set(p.methods) and focus in p.ratios:
+    if p.equal_compute and {"ce", "kl"} <= set(p.methods) and focus in p.ratios:
         ce, kl = results["runs"][f"run-{crit}-{focus}-ce"], results["runs"][f"run-{crit}-{focus}-kl"]
         steps = int(round(config.train.steps * kl["train_flops"] / ce["train_flops"]))
         train_stage(crit, focus, "ce", steps=steps, tag="-eqflops")

@@ -10,6 +10,10 @@ from train import data as data_lib
 from train.loop import train
 from train.step import LossConfig
 
+# CSQA rows are short (CE ~25 tokens, five packed choices ~45): finer buckets at the short end than
+# the data module's defaults halve the padded work, for two or three extra compiles per run.
+TRAIN_SEQ_BUCKETS = (32, 48, 64, 96, 128, 256, 512)
+
 
 def mesh_from_config(mesh_cfg):
     return make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
@@ -33,7 +37,7 @@ def make_train_batcher(config, tokenizer, *, train_examples: int | None = None):
             tokenizer, split="train", mode=kind, inputs=config.distill.inputs,
             positions=(config.distill.positions if kind == "kl" else None),
             batch_size=config.data.batch_size, seed=config.data.seed, limit=limit, hf_hub=config.data.hf_hub,
-            process_index=jax.process_index(), process_count=jax.process_count())
+            seq_buckets=TRAIN_SEQ_BUCKETS, process_index=jax.process_index(), process_count=jax.process_count())
     except ValueError as e:
         raise OlmoJaxError(str(e)) from e
 

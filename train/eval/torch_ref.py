@@ -1,0 +1,32 @@
+"""A plain transformers/PyTorch scorer over the same requests: the reference our eval is tested
+and benchmarked against. One forward per question (its choices as a right-padded batch)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from train.data import bos_prefix
+
+
+def score_questions_torch(model, tokenizer, items) -> tuple[np.ndarray, np.ndarray]:
+    """items: train.eval.scoring.Item list -> (loglik [N, C], num_tokens [N, C])."""
+    bos = bos_prefix(tokenizer)
+    c_max = max(len(it.continuations) for it in items)
+    loglik, ntok = np.zeros((len(items), c_max)), np.zeros((len(items), c_max), np.int64)
+    model.eval()
+    for i, it in enumerate(items):
+        ctx = bos + tokenizer(it.context, add_special_tokens=False)["input_ids"]
+        conts = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in it.continuations]
+        seqs = [ctx + c for c in conts]
+        t = max(map(len, seqs))
+        ids = torch.zeros((len(seqs), t), dtype=torch.long)
+        mask = torch.zeros((len(seqs), t), dtype=torch.long)
+        for j, s in enumerate(seqs):
+            ids[j, :len(s)], mask[j, :len(s)] = torch.tensor(s), 1
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+        for j, c in enumerate(conts):
+            pos = torch.arange(len(ctx) - 1, len(ctx) - 1 + len(c))
+            loglik[i, j] = logp[j, pos, torch.tensor(c)].sum().item()
+            ntok[i, j] = len(c)
+    return loglik, ntok
