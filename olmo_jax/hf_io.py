@@ -79,6 +79,13 @@ class TensorSource:
         raise NotImplementedError
 
 
+def _open(path: str):
+    try:
+        return safe_open(path, framework="numpy")
+    except Exception as e:  # SafetensorError: truncated or not a safetensors file
+        raise OlmoJaxError(f"cannot read {path}: {str(e).splitlines()[0]}") from e
+
+
 class SafetensorsSource(TensorSource):
     """A `model.safetensors` file or a sharded set with `model.safetensors.index.json`."""
 
@@ -90,7 +97,7 @@ class SafetensorsSource(TensorSource):
                 weight_map = json.load(f)["weight_map"]
             self._file_of = {n: os.path.join(directory, fn) for n, fn in weight_map.items()}
         elif os.path.isfile(single):
-            with safe_open(single, framework="numpy") as f:
+            with _open(single) as f:
                 self._file_of = {n: single for n in f.keys()}
         else:
             raise OlmoJaxError(f"no weights in {directory}: expected model.safetensors or "
@@ -102,7 +109,7 @@ class SafetensorsSource(TensorSource):
         if fn not in self._handles:
             if not os.path.isfile(fn):
                 raise OlmoJaxError(f"missing weight file {fn} (listed in the safetensors index)")
-            self._handles[fn] = safe_open(fn, framework="numpy")
+            self._handles[fn] = _open(fn)
         return self._handles[fn]
 
     def names(self):

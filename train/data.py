@@ -111,7 +111,11 @@ def csqa_dataset(split: str, *, hf_hub: bool = False, limit: int | None = None, 
         path = os.path.join(data_dir or DATA_DIR, f"{source}.jsonl.gz")
         if not os.path.isfile(path):
             raise ValueError(f"CSQA {split}: data file {path} not found")
-        ds = datasets.load_dataset("json", data_files=path, split="train")
+        try:
+            ds = datasets.load_dataset("json", data_files=path, split="train")
+        except Exception as e:  # datasets wraps a JSON parse error in its own exception types
+            cause = e.__cause__ or e
+            raise ValueError(f"CSQA {split}: cannot parse {path}: {str(cause).splitlines()[0]}") from e
         origin = path
     validate_rows(ds, f"{split} ({origin})")
     if split != "validation":

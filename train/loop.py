@@ -1,5 +1,5 @@
 """The training loop: Orbax checkpoints (save every N, keep K, resume from the latest good one),
-JSONL + TensorBoard metrics, a progress bar, SIGTERM preemption, and a non-finite-loss halt.
+JSONL + TensorBoard metrics, a progress bar, SIGTERM preemption, and a non-finite loss/gradient halt.
 
 Exact resume: the data order is a pure function of (seed, step) and the whole train state (step,
 params, optimizer moments) is checkpointed, so a killed and relaunched run ends bitwise equal to an
@@ -66,26 +66,63 @@ def checkpoint_manager(directory: str, *, every: int, keep: int) -> ocp.Checkpoi
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state) -> tuple[Any, int] | None:
     """The newest checkpoint that restores; a corrupt or truncated one is skipped with a warning.
-    Checkpoints that exist but none restores is an error: never silently start over."""
+    Checkpoints that exist but none restores is an error: never silently start over.
+
+    Unreadable steps newer than the restored one are renamed aside (`<step>.unreadable-<time>`,
+    kept for inspection): left in place, Orbax would count them as the latest step, skip the
+    periodic saves up to it and refuse to save that step again (StepAlreadyExistsError)."""
     steps = sorted(mngr.all_steps(), reverse=True)
+    bad = []
     for s in steps:
         try:
             restored = mngr.restore(s, args=ocp.args.StandardRestore(abstract_state))
-            return restored, s
         except Exception as e:  # orbax raises many types for damaged files
             log.warning("checkpoint at step %d is unreadable (%s); falling back to an earlier one", s,
                         str(e).splitlines()[0][:200])
             print(f"warning: checkpoint at step {s} is unreadable; falling back to an earlier one", flush=True)
+            bad.append(s)
+            continue
+        if bad:
+            _set_aside(mngr, bad)
+        return restored, s
     if steps:
         raise OlmoJaxError(f"no readable checkpoint among steps {steps} in {mngr.directory}")
     return None
 
 
+def _set_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
+    """Renames unreadable step directories out of Orbax's view (process 0 renames, all wait)."""
+    if jax.process_index() == 0:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for s in steps:
+            src = os.path.join(str(mngr.directory), str(s))
+            dst = f"{src}.unreadable-{stamp}"
+            os.rename(src, dst)
+            print(f"warning: moved the unreadable checkpoint of step {s} to {dst}", flush=True)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("olmo_jax:set_aside_unreadable_checkpoints")
+    mngr.reload()
+
+
+def _any_process(flag: bool) -> bool:
+    """True when `flag` is set on any process (a SIGTERM may reach only some hosts; all of them
+    must save the same step together, since an Orbax save is collective)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
 class MetricsLog:
-    """metrics.jsonl (one line per logged step) + TensorBoard events."""
+    """metrics.jsonl (one line per logged step) + TensorBoard events, written by process 0 only
+    (on other processes every method is a no-op: one log per run, not one per host)."""
 
     def __init__(self, workdir: str, resume_step: int):
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self.enabled = jax.process_index() == 0
+        if not self.enabled:
+            return
         self._truncate_after(resume_step)
         self.f = open(self.path, "a")
         from tensorboardX import SummaryWriter
@@ -109,6 +146,8 @@ class MetricsLog:
         os.replace(tmp, self.path)
 
     def write(self, step: int, metrics: dict[str, float]):
+        if not self.enabled:
+            return
         rec = {"step": step} | metrics
         self.f.write(json.dumps(rec) + "\n")
         self.f.flush()
@@ -117,6 +156,8 @@ class MetricsLog:
                 self.tb.add_scalar(k, v, step)
 
     def close(self):
+        if not self.enabled:
+            return
         self.f.close()
         self.tb.close()
 
@@ -159,9 +200,13 @@ def train(*, workdir: str, model_cfg: ModelConfig, params, mesh: Mesh, batcher, 
                 state, metrics = step_fn(state, teacher_params, global_batch(mb, step_lib.batch_shardings(mesh, mb)))
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 dt = time.perf_counter() - t0
-                if not math.isfinite(metrics["loss"]):
+                # A finite loss with non-finite gradients still poisons this step's update (the
+                # new params are NaN): check both, before this state can be saved.
+                bad = [k for k in ("loss", "grad_norm") if k in metrics and not math.isfinite(metrics[k])]
+                if bad:
                     where = f"step {last_good}" if last_good is not None else "none saved yet"
-                    raise OlmoJaxError(f"non-finite loss ({metrics['loss']}) at step {step + 1}; "
+                    what = ", ".join(f"{k}={metrics[k]}" for k in bad)
+                    raise OlmoJaxError(f"non-finite loss or gradient ({what}) at step {step + 1}; "
                                        f"training halted; last good checkpoint: {where}")
                 metrics |= {"step_time_s": dt, "tokens_per_s": batcher.tokens_in_batch(step) / dt}
                 done = step + 1
@@ -169,14 +214,15 @@ def train(*, workdir: str, model_cfg: ModelConfig, params, mesh: Mesh, batcher, 
                     metrics |= eval_fn(state["params"], done)
                 if done % log_every == 0 or done == total_steps:
                     metrics_log.write(done, metrics)
-                if mngr.should_save(done) or done == total_steps or sigterm.set:
+                stop = _any_process(sigterm.set)
+                if mngr.should_save(done) or done == total_steps or stop:
                     mngr.save(done, args=ocp.args.StandardSave(state), force=True)
                     mngr.wait_until_finished()
                     last_good = done
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-                if sigterm.set and done < total_steps:
+                if stop and done < total_steps:
                     raise Preempted(done)
     finally:
         if bar is not None:
@@ -187,7 +233,7 @@ def train(*, workdir: str, model_cfg: ModelConfig, params, mesh: Mesh, batcher, 
 
 
 def _progress(enabled: bool, start: int, total: int):
-    if not enabled:
+    if not enabled or jax.process_index() != 0:
         return None
     from tqdm.auto import tqdm
     return tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)

@@ -31,6 +31,7 @@ from train.eval.metrics import paired_bootstrap
 from train.eval.run import correctness, evaluate_params
 from train.loop import EXIT_PREEMPTED, Preempted
 from train.recover import make_train_batcher, mesh_from_config, recover
+from train.step import LossConfig
 
 DONE = "done.json"
 
@@ -93,7 +94,28 @@ def _flops_per_token(cfg) -> float:
 
 # ---- the pipeline -----------------------------------------------------------------------------
 
+REQUIRED_GROUPS = ("model", "prune", "data", "train", "opt", "distill", "eval", "mesh", "pipeline", "jax")
+
+
+def validate_config(config) -> None:
+    """Cheap checks before any model is loaded (minutes on a 7B model)."""
+    missing = [g for g in REQUIRED_GROUPS if g not in config]
+    if missing:
+        raise OlmoJaxError(f"config lacks the groups {missing}: not a pipeline config (see configs/smollm2_csqa.py)")
+    prune_lib.kept_count(1000, config.prune.ratio)
+    for r in config.pipeline.ratios:
+        prune_lib.kept_count(1000, r)
+    if config.prune.criterion not in prune_lib.CRITERIA or any(c not in prune_lib.CRITERIA for c in config.pipeline.criteria):
+        raise OlmoJaxError(f"unknown pruning criterion in {config.prune.criterion!r} / {list(config.pipeline.criteria)}; "
+                           f"choose from {prune_lib.CRITERIA}")
+    for m in list(config.pipeline.methods) + [config.train.loss]:
+        LossConfig(kind=m)  # raises for an unknown loss
+    if config.train.steps < 1:
+        raise OlmoJaxError(f"train.steps must be >= 1, got {config.train.steps}")
+
+
 def run_pipeline(config, workdir: str) -> dict:
+    validate_config(config)
     maybe_initialize(config.jax)
     os.makedirs(workdir, exist_ok=True)
     _check_workdir(config, workdir)
@@ -230,6 +252,7 @@ def _check_workdir(config, workdir: str):
 
 def single_run(config, workdir: str) -> dict:
     """train.main: one recovery run of the configured loss at prune.ratio (dense eval skipped)."""
+    validate_config(config)
     cfg = config.copy_and_resolve_references()
     cfg.pipeline.ratios = [config.prune.ratio]
     cfg.pipeline.methods = [config.train.loss]
