@@ -35,6 +35,9 @@ def test_every_artefact_is_written(finished):
             assert os.path.isfile(os.path.join(stage, "train", "metrics.jsonl"))
     saved = json.load(open(os.path.join(workdir, "results.json")))
     assert set(saved["runs"]) == set(results["runs"])
+    from train.pipeline import collect  # the report can be rebuilt from the stages alone
+    again = collect(workdir)
+    assert again["runs"] == json.loads(json.dumps(results["runs"])) and again["dense"] == results["dense"]
 
 
 def test_table_has_one_row_per_ratio_and_method(finished):

@@ -281,3 +281,17 @@ def main(argv):
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)
+
+
+def collect(workdir: str) -> dict:
+    """Results from the finished stages of a workdir (e.g. of a study stopped early), in the same
+    form `run_pipeline` returns; `python -m train.report --workdir=DIR` writes the report from it."""
+    st = Stages(workdir)
+    results = {"config": json.load(open(os.path.join(workdir, "pipeline_config.json"))), "runs": {}}
+    if st.result("eval-dense"):
+        results["dense"] = st.result("eval-dense")
+    for name in sorted(os.listdir(workdir)):
+        if name.startswith(("prune-", "run-")) and st.result(name):
+            results["runs"][name] = st.result(name)
+    results["comparisons"] = _paired(st, results)
+    return results

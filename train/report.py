@@ -116,3 +116,20 @@ def write_report(results: dict, workdir: str) -> None:
     results["plots"] = plots(results, workdir)
     fsutil.atomic_write_json(os.path.join(workdir, "results.json"), results)
     fsutil.atomic_write_text(os.path.join(workdir, "results.md"), markdown(results))
+
+
+
+def main(argv):
+    """python -m train.report --workdir=DIR: (re)write the report from a workdir's finished stages."""
+    del argv
+    from absl import flags
+    from train.pipeline import collect
+    workdir = flags.FLAGS.workdir
+    write_report(collect(workdir), workdir)
+    print(open(os.path.join(workdir, "results.md")).read())
+
+
+if __name__ == "__main__":
+    from absl import app
+    import train.pipeline  # noqa: F401  (defines --workdir)
+    app.run(main)
