@@ -60,6 +60,15 @@ def get_config(arg: str | None = None) -> ConfigDict:
     # Extra XLA flags, applied by `python -m train.bench` before JAX starts (library callers must set
     # XLA_FLAGS themselves). The flags in effect are recorded in the output.
     c.xla_flags = ""
+    # Shared machines: a section during which other processes kept more than `contention_threshold`
+    # cores busy (on average) is measured again after waiting (up to idle_wait_s) for an idle machine,
+    # at most `contention_retries` times; the least contended attempt is kept. 0 = measure once.
+    c.contention_retries = 0
+    c.contention_threshold = 0.1
+    c.idle_wait_s = 300.0
+    # "1" or "0,1": pin the process to these cores (and size torch's thread pool to them) before JAX
+    # starts; applied by `python -m train.bench` only. "" = all cores.
+    c.cpu_affinity = ""
 
     if arg == "tiny":
         c.model = _model(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,

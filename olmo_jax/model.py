@@ -73,7 +73,12 @@ def attention_mask(segment_ids_BxT):
 
 
 def _mm(x, w):
-    return jnp.einsum("...d,df->...f", x, w.astype(x.dtype))
+    """x [..., D] @ w [D, F], as one 2-D matmul: flattening the leading dims first gives XLA:CPU
+    plain [N, D] x [D, F] dots in the backward pass too (the weight gradient is a single-contracting-
+    dim dot instead of a (b, t)-contracting one, which XLA:CPU lowered through extra transposes)."""
+    lead = x.shape[:-1]
+    y = jnp.dot(x.reshape(-1, x.shape[-1]), w.astype(x.dtype))
+    return y.reshape(*lead, w.shape[-1])
 
 
 def attention(cfg: ModelConfig, p: Params, x_BxTxD, cos, sin, mask_BxTxT):

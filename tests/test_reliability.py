@@ -475,9 +475,7 @@ CLI_CASES = {
 }
 # Known gaps (outside this test's files): strict xfail, so a fix turns them into failures that ask
 # for the marker to be removed. docs/RELIABILITY.md gives the fix for each.
-XFAIL = {
-    "bench: another architecture": "train.bench.main has no user_errors(): OlmoJaxError escapes as a traceback",
-}
+XFAIL = {}
 
 
 @pytest.fixture(scope="module")

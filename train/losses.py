@@ -124,7 +124,11 @@ def distill_from_logits(logits_s_BxSxV, logits_t_BxSxV, tok_BxS, weight_BxS, *, 
 
 def _logits(h_BxCxD, w_DxV):
     dt = _compute_dtype(h_BxCxD, w_DxV)
-    return jnp.einsum("bcd,dv->bcv", h_BxCxD.astype(dt), w_DxV.astype(dt))
+    b, c, d = h_BxCxD.shape
+    # one [B*C, D] x [D, V] matmul: a 2-D dot keeps the backward's weight gradient a plain
+    # single-contracting-dim dot on XLA:CPU (no transposed copies of the [B*C, V] cotangent)
+    z = jnp.dot(h_BxCxD.reshape(b * c, d).astype(dt), w_DxV.astype(dt))
+    return z.reshape(b, c, w_DxV.shape[1])
 
 
 def _check_hw(name, h, w):
