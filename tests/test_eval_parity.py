@@ -38,9 +38,12 @@ def test_rc_0shot_matches_transformers_on_300_questions():
         assert (a == b).mean() >= 0.99, metric
         assert correct(choice_scores(ll, nt, chars)[metric], gold).mean() == pytest.approx(
             correct(choice_scores(ref_ll, ref_nt, chars)[metric], gold).mean(), abs=0.01)
-    # and the library entry point agrees with the pieces (per-char is the primary metric)
+    # The library entry point (which batches differently: unconditional rows are mixed in) agrees
+    # with the reference to the same 1% (a near-tie may flip under float reassociation).
     res = evaluate_params(ours.config, ours.param_dict(), tok, "csqa:rc_0shot", limit=N)
-    assert res["acc_per_char"] == pytest.approx(correct(choice_scores(ll, nt, chars)["acc_per_char"], gold).mean())
+    ref_acc = correct(choice_scores(ref_ll, ref_nt, chars)["acc_per_char"], gold).mean()
+    assert abs(res["acc_per_char"] - ref_acc) <= 0.01
+    assert np.mean([p["pred"] for p in res["predictions"]] == choice_scores(ref_ll, ref_nt, chars)["acc_per_char"].argmax(1)) >= 0.99
 
 
 def test_eval_cli_bad_input(tmp_path):
