@@ -131,6 +131,16 @@ def _logits(h_BxCxD, w_DxV):
     return z.reshape(b, c, w_DxV.shape[1])
 
 
+def _check_student_teacher(name, hs, ws, ht, wt, temperature, top_k):
+    """Shapes of both models' inputs agree, and the KL arguments are valid."""
+    _check_hw(f"{name} (student)", hs, ws)
+    _check_hw(f"{name} (teacher)", ht, wt)
+    if hs.shape[:2] != ht.shape[:2] or ws.shape[1] != wt.shape[1]:
+        raise ValueError(f"{name}: student/teacher shapes disagree: h {hs.shape} vs {ht.shape}, "
+                         f"w {ws.shape} vs {wt.shape}")
+    _check_kl_args(temperature, top_k, ws.shape[1])
+
+
 def _check_hw(name, h, w):
     if h.ndim != 3 or w.ndim != 2 or h.shape[-1] != w.shape[0]:
         raise ValueError(f"{name}: expected h [B, S, D] and w [D, V], got h {h.shape} and w {w.shape}")
@@ -215,12 +225,7 @@ def kl_loss(hs_BxSxD, ws_DxV, ht_BxSxD, wt_DxV, weight_BxS, *, temperature: floa
 
     Returns `(sum_{b,s} weight * T**2 * KL[b,s], sum(weight))`, float32 scalars.
     """
-    _check_hw("kl_loss (student)", hs_BxSxD, ws_DxV)
-    _check_hw("kl_loss (teacher)", ht_BxSxD, wt_DxV)
-    if hs_BxSxD.shape[:2] != ht_BxSxD.shape[:2] or ws_DxV.shape[1] != wt_DxV.shape[1]:
-        raise ValueError(f"kl_loss: student/teacher shapes disagree: h {hs_BxSxD.shape} vs {ht_BxSxD.shape}, "
-                         f"w {ws_DxV.shape} vs {wt_DxV.shape}")
-    _check_kl_args(temperature, top_k, ws_DxV.shape[1])
+    _check_student_teacher("kl_loss", hs_BxSxD, ws_DxV, ht_BxSxD, wt_DxV, temperature, top_k)
     ht_BxSxD, wt_DxV = jax.lax.stop_gradient((ht_BxSxD, wt_DxV))
 
     def per_chunk(consts, hs, ht):
@@ -242,12 +247,7 @@ def distill_loss(hs_BxSxD, ws_DxV, ht_BxSxD, wt_DxV, tok_BxS, weight_BxS, *, alp
     alpha=1 is plain fine-tuning, alpha=0 pure distillation. The student's logits are computed once
     per chunk and shared by both terms.
     """
-    _check_hw("distill_loss (student)", hs_BxSxD, ws_DxV)
-    _check_hw("distill_loss (teacher)", ht_BxSxD, wt_DxV)
-    if hs_BxSxD.shape[:2] != ht_BxSxD.shape[:2] or ws_DxV.shape[1] != wt_DxV.shape[1]:
-        raise ValueError(f"distill_loss: student/teacher shapes disagree: h {hs_BxSxD.shape} vs "
-                         f"{ht_BxSxD.shape}, w {ws_DxV.shape} vs {wt_DxV.shape}")
-    _check_kl_args(temperature, top_k, ws_DxV.shape[1])
+    _check_student_teacher("distill_loss", hs_BxSxD, ws_DxV, ht_BxSxD, wt_DxV, temperature, top_k)
     _check_alpha(alpha)
     ht_BxSxD, wt_DxV = jax.lax.stop_gradient((ht_BxSxD, wt_DxV))
 
