@@ -16,9 +16,39 @@ def finished(tmp_path_factory):
     base = tmp_path_factory.mktemp("pipe")
     config = get_config(tiny_model_dir(base / "model"))
     config.pipeline.data_sizes = [16]
+    config.pipeline.data_size_epochs = 1  # 16 questions at batch 8: 2 steps
+    config.pipeline.tune.lrs = [3e-3, 1e-3]
+    config.pipeline.tune.steps = [2, 1]
+    config.pipeline.tune.limit = 8
     workdir = str(base / "work")
-    results = run_pipeline(config, workdir)
-    return config, workdir, results
+    import train.pipeline as P
+    calls, orig = [], P.evaluate_params
+    P.evaluate_params = lambda *a, **k: calls.append((k["split"], k["limit"])) or orig(*a, **k)
+    try:
+        results = run_pipeline(config, workdir)
+    finally:
+        P.evaluate_params = orig
+    return config, workdir, results | {"eval_calls": calls}
+
+
+def test_tuning_picks_lr_and_steps_on_heldout_only(finished):
+    config, workdir, results = finished
+    tuning = results["tuning"]
+    # 2 methods x 2 lrs x 2 candidate step counts, all on the heldout split; nothing else used heldout.
+    assert sorted(c for c in results["eval_calls"] if c[0] == "heldout") == [("heldout", 8)] * 8
+    for method in config.pipeline.methods:
+        grid = tuning["grid"][method]
+        assert set(grid) == {"lr0.001", "lr0.003"} and all(set(c) == {"1", "2"} for c in grid.values())
+        best = max(a for c in grid.values() for a in c.values())
+        chosen = tuning["chosen"][method]
+        assert chosen["heldout_acc"] == best and grid[f"lr{chosen['lr']:g}"][str(chosen["steps"])] == best
+        run = results["runs"][f"run-l2-0.5-{method}"]
+        assert (run["lr"], run["steps"]) == (chosen["lr"], chosen["steps"])  # every run of the method uses it
+        logged = [json.loads(l) for l in open(os.path.join(
+            workdir, f"tune-l2-0.5-{method}-lr0.001", "train", "metrics.jsonl"))]
+        assert [m["step"] for m in logged if "heldout_acc" in m] == [1, 2]
+    assert results["runs"]["run-l2-0.5-ce-n16"]["steps"] == 2  # data_size_epochs: ceil(1 * 16 / 8)
+    assert "Tuned on the heldout split" in open(os.path.join(workdir, "results.md")).read()
 
 
 def test_every_artefact_is_written(finished):

@@ -10,6 +10,7 @@ checkpoint. Stage names say what they hold: dense, prune-l2-0.3, run-l2-0.3-kl, 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -110,6 +111,9 @@ def validate_config(config) -> None:
                            f"choose from {prune_lib.CRITERIA}")
     for m in list(config.pipeline.methods) + [config.train.loss]:
         LossConfig(kind=m)  # raises for an unknown loss
+    tune = config.pipeline.tune
+    if any(lr <= 0 for lr in tune.lrs) or any(n < 1 for n in tune.steps):
+        raise OlmoJaxError("pipeline.tune.lrs must be > 0 and pipeline.tune.steps >= 1")
     if config.train.steps < 1:
         raise OlmoJaxError(f"train.steps must be >= 1, got {config.train.steps}")
 
@@ -162,16 +166,62 @@ def run_pipeline(config, workdir: str) -> dict:
         mask_path = os.path.join(st.path(name), "neuron_mask.npy")
         return model, (np.load(mask_path) if os.path.exists(mask_path) else None)
 
+    chosen: dict[str, dict] = {}  # method -> {"lr", "steps"} picked on the heldout split
+
+    def run_config(method, steps=None, lr=None):
+        cfg = config.copy_and_resolve_references()
+        cfg.train.loss = method
+        hp = chosen.get(method, {})
+        cfg.opt.lr = lr if lr is not None else hp.get("lr", cfg.opt.lr)
+        cfg.train.steps = steps if steps is not None else hp.get("steps", cfg.train.steps)
+        return cfg
+
+    def tune_stage(criterion, ratio, method, lr):
+        """Trains max(tune.steps) steps at `lr`; heldout accuracy at every candidate step count."""
+        pname, _ = prune_stage(criterion, ratio)
+        name = f"tune-{criterion}-{ratio}-{method}-lr{lr:g}"
+        candidates = sorted(set(p.tune.steps or [config.train.steps]))
+
+        def fn(out):
+            student, mask = load_pruned(pname)
+            cfg = run_config(method, steps=candidates[-1], lr=lr)
+            curve = {}
+
+            def heldout(params, step):
+                if step not in candidates:
+                    return {}
+                res = evaluate_params(student.config, params, tokenizer, config.eval.task, split="heldout",
+                                      limit=p.tune.limit or None, batch_size=config.eval.batch_size)
+                curve[str(step)] = res["acc_per_char"] if "acc_per_char" in res else res["acc_raw"]
+                return {"heldout_acc": curve[str(step)]}
+
+            cfg.train.eval_every = 1
+            recover(cfg, os.path.join(out, "train"), student, dense, tokenizer, mesh=mesh, neuron_mask=mask,
+                    eval_fn=heldout)
+            shutil.rmtree(os.path.join(out, "train", "checkpoints"), ignore_errors=True)
+            return {"method": method, "lr": lr, "heldout_acc": curve, "heldout_n": p.tune.limit or "all"}
+
+        return name, st.run(name, fn)
+
+    def tune(criterion, ratio):
+        """Per method, the (lr, steps) with the best heldout accuracy (ties: fewer steps, lower lr).
+        Only the train split is used: validation stays the test set."""
+        grid = {}
+        for method in p.methods:
+            runs = [tune_stage(criterion, ratio, method, lr)[1] for lr in sorted(p.tune.lrs)]
+            points = [(acc, -int(step), -r["lr"]) for r in runs for step, acc in r["heldout_acc"].items()]
+            acc, neg_steps, neg_lr = max(points)
+            chosen[method] = {"lr": -neg_lr, "steps": -neg_steps, "heldout_acc": acc}
+            grid[method] = {f"lr{r['lr']:g}": r["heldout_acc"] for r in runs}
+        return {"chosen": dict(chosen), "grid": grid, "criterion": criterion, "ratio": ratio}
+
     def train_stage(criterion, ratio, method, *, train_examples=None, steps=None, tag=""):
         pname, _ = prune_stage(criterion, ratio)
         name = f"run-{criterion}-{ratio}-{method}{tag}"
 
         def fn(out):
             student, mask = load_pruned(pname)
-            cfg = config.copy_and_resolve_references()
-            cfg.train.loss = method
-            if steps is not None:
-                cfg.train.steps = steps
+            cfg = run_config(method, steps=steps)
             t0 = time.perf_counter()
             model = recover(cfg, os.path.join(out, "train"), student, dense, tokenizer, mesh=mesh,
                             neuron_mask=mask, train_examples=train_examples)
@@ -184,7 +234,7 @@ def run_pipeline(config, workdir: str) -> dict:
             fpt_s, fpt_t = _flops_per_token(model.config), _flops_per_token(dense.config)
             flops = 3 * fpt_s * tokens + (fpt_t * tokens if method == "kl" else 0.0)
             shutil.rmtree(os.path.join(out, "train", "checkpoints"), ignore_errors=True)  # final model kept
-            return {"method": method, "ratio": ratio, "criterion": criterion, "steps": cfg.train.steps,
+            return {"method": method, "ratio": ratio, "criterion": criterion, "steps": cfg.train.steps, "lr": cfg.opt.lr,
                     "train_examples": train_examples or cfg.data.train_examples, "train_wall_s": wall,
                     "input_tokens": tokens, "train_flops": flops, "eval": _eval(config, model, tokenizer, out)}
 
@@ -192,23 +242,29 @@ def run_pipeline(config, workdir: str) -> dict:
         return results["runs"][name]
 
     crit = config.prune.criterion
+    focus = p.data_size_ratio
+    if p.tune.lrs:
+        results["tuning"] = st.run("tuning", lambda out: tune(crit, focus))
+        chosen.update(results["tuning"]["chosen"])  # a relaunch reads the choice from the stage
     for ratio in p.ratios:
         pname, pres = prune_stage(crit, ratio)
         results["runs"][pname] = pres
         for method in p.methods:
             train_stage(crit, ratio, method)
-    focus = p.data_size_ratio
     for extra in [c for c in p.criteria if c != crit]:
         pname, pres = prune_stage(extra, focus)
         results["runs"][pname] = pres
         for method in p.methods:
             train_stage(extra, focus, method)
     for n in p.data_sizes:
+        # With data_size_epochs the budget grows with the data (epochs over n questions); without,
+        # every size gets the same steps (then sizes above steps x batch see the same questions).
+        steps = math.ceil(p.data_size_epochs * n / config.data.batch_size) if p.data_size_epochs else None
         for method in p.methods:
-            train_stage(crit, focus, method, train_examples=n, tag=f"-n{n}")
+            train_stage(crit, focus, method, train_examples=n, steps=steps, tag=f"-n{n}")
     if p.equal_compute and {"ce", "kl"} <= set(p.methods) and focus in p.ratios:
         ce, kl = results["runs"][f"run-{crit}-{focus}-ce"], results["runs"][f"run-{crit}-{focus}-kl"]
-        steps = int(round(config.train.steps * kl["train_flops"] / ce["train_flops"]))
+        steps = int(round(ce["steps"] * kl["train_flops"] / ce["train_flops"]))
         train_stage(crit, focus, "ce", steps=steps, tag="-eqflops")
 
     results["comparisons"] = _paired(st, results)
@@ -293,5 +349,7 @@ def collect(workdir: str) -> dict:
     for name in sorted(os.listdir(workdir)):
         if name.startswith(("prune-", "run-")) and st.result(name):
             results["runs"][name] = st.result(name)
+    if st.result("tuning"):
+        results["tuning"] = st.result("tuning")
     results["comparisons"] = _paired(st, results)
     return results

@@ -15,14 +15,14 @@ def rows(results: dict) -> list[dict]:
             rep = r["report"]
             out.append(dict(name=name, criterion=rep["criterion"], ratio=rep["ratio"], method="none",
                             retention_all=rep["retention_all_params"], retention_mlp=rep["retention_mlp_params"],
-                            train_examples=0, steps=0, eval=r["eval"], train_wall_s=0.0, train_flops=0.0))
+                            train_examples=0, steps=0, lr=None, eval=r["eval"], train_wall_s=0.0, train_flops=0.0))
     reports = {(r["criterion"], r["ratio"]): r for r in out}
     for name, r in runs.items():
         if name.startswith("run-"):
             base = reports[(r["criterion"], r["ratio"])]
             out.append(dict(name=name, criterion=r["criterion"], ratio=r["ratio"], method=r["method"],
                             retention_all=base["retention_all"], retention_mlp=base["retention_mlp"],
-                            train_examples=r["train_examples"], steps=r["steps"], eval=r["eval"],
+                            train_examples=r["train_examples"], steps=r["steps"], lr=r.get("lr"), eval=r["eval"],
                             train_wall_s=r["train_wall_s"], train_flops=r["train_flops"]))
     return out
 
@@ -34,14 +34,23 @@ def markdown(results: dict) -> str:
         pm = dense["primary_metric"]
         lines.append(f"Dense (teacher): {pm} = {dense[pm]:.4f} [{dense['ci95'][0]:.3f}, {dense['ci95'][1]:.3f}], "
                      f"n = {dense['n']}\n")
-    lines.append("| run | criterion | ratio | retention all / MLP | method | examples | steps | acc_per_char [95% CI] | acc_raw | ECE | train s | train TFLOP |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    tuning = results.get("tuning")
+    if tuning:
+        lines.append(f"Tuned on the heldout split ({tuning['criterion']} {tuning['ratio']}): " + "; ".join(
+            f"{m}: lr {c['lr']:g}, {c['steps']} steps (heldout {c['heldout_acc']:.4f})" for m, c in tuning["chosen"].items()))
+        for m, g in tuning["grid"].items():
+            lines.append(f"- {m} heldout accuracy by lr and steps: " + "; ".join(
+                f"{lr}: " + ", ".join(f"{st} -> {a:.4f}" for st, a in sorted(c.items(), key=lambda x: int(x[0])))
+                for lr, c in g.items()))
+        lines.append("")
+    lines.append("| run | criterion | ratio | retention all / MLP | method | examples | steps | lr | acc_per_char [95% CI] | acc_raw | ECE | train s | train TFLOP |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows(results):
         e = r["eval"]
         pm = e["primary_metric"]
         lines.append(
             f"| {r['name']} | {r['criterion']} | {r['ratio']} | {r['retention_all']:.3f} / {r['retention_mlp']:.3f} | "
-            f"{r['method']} | {r['train_examples']} | {r['steps']} | {e[pm]:.4f} [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}] | "
+            f"{r['method']} | {r['train_examples']} | {r['steps']} | {'' if r['lr'] is None else format(r['lr'], 'g')} | {e[pm]:.4f} [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}] | "
             f"{e['acc_raw']:.4f} | {e['calibration']['ece']:.4f} | {r['train_wall_s']:.0f} | {r['train_flops'] / 1e12:.1f} |")
     if results.get("comparisons"):
         lines.append("\nPaired bootstrap, KL minus CE (same questions):\n")
@@ -124,8 +133,13 @@ def main(argv):
     del argv
     from absl import flags
     from train.pipeline import collect
+    from olmo_jax.cli import user_errors
+    from olmo_jax.config import OlmoJaxError
     workdir = flags.FLAGS.workdir
-    write_report(collect(workdir), workdir)
+    with user_errors():
+        if not workdir or not os.path.isfile(os.path.join(workdir, "pipeline_config.json")):
+            raise OlmoJaxError(f"--workdir={workdir!r} is not a pipeline workdir (no pipeline_config.json)")
+        write_report(collect(workdir), workdir)
     print(open(os.path.join(workdir, "results.md")).read())
 
 
