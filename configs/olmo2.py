@@ -4,10 +4,12 @@
         --config.model.src=/path/to/OLMo-2-1124-7B-SFT
 
 Variants: 1b | 7b (default) | 13b | 32b, optionally with a hardware suffix: `7b,h200`, `7b,v5p-64`,
-`32b,v6e-256`. Multi-host: run the same command on every host with
-`--config.jax.distributed=True` (TPU auto-detects coordinator, process count and id; elsewhere set
-`--config.jax.coordinator_address=HOST:PORT --config.jax.num_processes=N --config.jax.process_id=I`).
-The weights are read shard by shard straight into their place on the mesh.
+`32b,v6e-256`. The pipeline runs in ONE process over all of its local devices (one H200, one
+TPU VM host such as v5p-8 / v6e-8). The multi-host slices (v5p-64, v6e-256, v5p-512) need the
+pipeline stages made multi-host first: the training loop is (`train.loop.train`, started on every
+host with `--config.jax.distributed=True`; tested with 2 CPU processes), but the pipeline refuses
+process_count > 1 today (docs/RELIABILITY.md, "Multi-host"). The weights are read shard by shard
+straight into their place on the mesh.
 """
 from ml_collections import ConfigDict
 

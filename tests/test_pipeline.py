@@ -106,3 +106,12 @@ def test_other_config_on_same_workdir_is_refused(finished):
                        capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == f"error: workdir {workdir} holds a run with a different config; use a new workdir"
+
+
+def test_multi_process_pipeline_is_refused_before_writing(tmp_path, monkeypatch):
+    import jax
+    from olmo_jax.config import OlmoJaxError
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(OlmoJaxError, match="multi-host pipelines are not supported yet"):
+        run_pipeline(get_config(str(tmp_path / "model")), str(tmp_path / "work"))
+    assert not os.path.exists(tmp_path / "work")

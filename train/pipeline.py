@@ -121,6 +121,13 @@ def validate_config(config) -> None:
 def run_pipeline(config, workdir: str) -> dict:
     validate_config(config)
     maybe_initialize(config.jax)
+    if jax.process_count() > 1:
+        # The training loop is multi-host (tests/test_multihost.py), but the stages around it are
+        # not yet: checkpoint.save's temporary directory, bookkeeping files and host-side pruning
+        # and scoring assume one process. Refuse before anything is written (docs/RELIABILITY.md).
+        raise OlmoJaxError(f"train.pipeline and train.main run in one process (any number of local devices); "
+                           f"this is process {jax.process_index()} of {jax.process_count()}: multi-host "
+                           f"pipelines are not supported yet (docs/RELIABILITY.md, 'Multi-host')")
     os.makedirs(workdir, exist_ok=True)
     _check_workdir(config, workdir)
     st = Stages(workdir)
