@@ -51,6 +51,17 @@ def test_tuning_picks_lr_and_steps_on_heldout_only(finished):
     assert "Tuned on the heldout split" in open(os.path.join(workdir, "results.md")).read()
 
 
+def test_report_has_training_speed_of_every_stage(finished):
+    config, workdir, results = finished
+    speed = json.load(open(os.path.join(workdir, "results.json")))["speed"]
+    trained = {n: r["steps"] for n, r in results["runs"].items() if n.startswith("run-")}
+    trained |= {f"tune-l2-0.5-{m}-lr{lr:g}": 2 for m in config.pipeline.methods for lr in config.pipeline.tune.lrs}
+    assert set(speed) == {n for n, steps in trained.items() if steps > 1}
+    for name, v in speed.items():
+        assert v["steps_timed"] == trained[name] - 1 and v["median_step_s"] > 0 and v["median_tokens_per_s"] > 0
+    assert "Training speed" in open(os.path.join(workdir, "results.md")).read()
+
+
 def test_every_artefact_is_written(finished):
     config, workdir, results = finished
     for name in ("results.json", "results.md", "accuracy_vs_retention.png", "ece_vs_retention.png",
@@ -115,3 +126,14 @@ def test_multi_process_pipeline_is_refused_before_writing(tmp_path, monkeypatch)
     with pytest.raises(OlmoJaxError, match="multi-host pipelines are not supported yet"):
         run_pipeline(get_config(str(tmp_path / "model")), str(tmp_path / "work"))
     assert not os.path.exists(tmp_path / "work")
+
+
+@pytest.mark.parametrize("args, line", [
+    (["-m", "train.report", "--workdir=/nonexistent"],
+     "error: --workdir='/nonexistent' is not a pipeline workdir (no pipeline_config.json)"),
+    (["-m", "train.eval.bench", "--limit=-1"], "error: --limit must be >= 0 (0 = all 1221 questions), got -1"),
+])
+def test_report_and_eval_bench_clis_give_one_error_line(args, line):
+    r = subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == line

@@ -121,10 +121,40 @@ def plots(results: dict, workdir: str) -> list[str]:
     return made
 
 
+def step_speed(workdir: str) -> dict[str, dict]:
+    """Per training stage (run-*, tune-*): median step time and tokens/s from its metrics.jsonl,
+    step 1 (compilation) excluded."""
+    import json
+    import numpy as np
+    out = {}
+    for name in sorted(os.listdir(workdir)):
+        path = os.path.join(workdir, name, "train", "metrics.jsonl")
+        if not name.startswith(("run-", "tune-")) or not os.path.isfile(path):
+            continue
+        recs = [json.loads(line) for line in open(path)][1:]
+        if recs:
+            out[name] = {"steps_timed": len(recs),
+                         "median_step_s": float(np.median([r["step_time_s"] for r in recs])),
+                         "median_tokens_per_s": float(np.median([r["tokens_per_s"] for r in recs])),
+                         "loss_first": recs[0]["loss"], "loss_last": recs[-1]["loss"]}
+    return out
+
+
+def speed_markdown(speed: dict[str, dict]) -> str:
+    lines = ["\nTraining speed (step 1, which compiles, excluded; loss of step 2 -> last step):\n",
+             "| stage | steps timed | median step s | median input tokens/s | loss |", "|---|---|---|---|---|"]
+    for name, v in speed.items():
+        lines.append(f"| {name} | {v['steps_timed']} | {v['median_step_s']:.2f} | {v['median_tokens_per_s']:.0f} | "
+                     f"{v['loss_first']:.3f} -> {v['loss_last']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(results: dict, workdir: str) -> None:
+    results["speed"] = step_speed(workdir)
     results["plots"] = plots(results, workdir)
     fsutil.atomic_write_json(os.path.join(workdir, "results.json"), results)
-    fsutil.atomic_write_text(os.path.join(workdir, "results.md"), markdown(results))
+    md = markdown(results) + (speed_markdown(results["speed"]) if results["speed"] else "")
+    fsutil.atomic_write_text(os.path.join(workdir, "results.md"), md)
 
 
 

@@ -53,6 +53,11 @@ def run(limit: int | None) -> dict:
 
 def main(argv):
     del argv
+    from olmo_jax.cli import user_errors
+    from olmo_jax.config import OlmoJaxError
+    with user_errors():
+        if FLAGS.limit < 0:
+            raise OlmoJaxError(f"--limit must be >= 0 (0 = all 1221 questions), got {FLAGS.limit}")
     res = run(FLAGS.limit or None)
     if FLAGS.out:
         from olmo_jax import fsutil
