@@ -43,7 +43,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.seed = 0
     c.steps = 5             # timed steps per measurement (after warm-up)
     c.warmup = 2            # untimed steps (the first JAX call compiles; it is reported as compile_s)
-    c.sections = list(SECTIONS)
+    c.sections = tuple(SECTIONS)  # a tuple so `--config.sections="(a, b)"` works
     # JAX train step knobs (train.step): loss chunk along the target axis (0 = one chunk, no logits
     # recomputation in the backward pass), layer remat, and the learning rate (AdamW as in training).
     c.loss_chunk = 0
@@ -76,7 +76,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
         c.batch_size, c.seq_len = 2, 32
         c.steps, c.warmup = 2, 1
         c.torch_compile = False
-        c.sections = [s for s in SECTIONS if s != "torch_compile"]
+        c.sections = tuple(s for s in SECTIONS if s != "torch_compile")
         c.decode_prompt_len, c.decode_new_tokens, c.decode_repeats = 8, 4, 1
         c.matmul_n = 256
     elif arg == "gpu":

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from configs.bench import SECTIONS, get_config
+from olmo_jax.config import OlmoJaxError
 from train import bench
 
 TIMING = set(bench.TIMING_KEYS) | {"other_cpu_cores"}
@@ -101,6 +102,6 @@ def test_variants_and_errors():
     with pytest.raises(ValueError):
         get_config("tpu")
     c = get_config("tiny")
-    c.sections = ["nope"]
-    with pytest.raises(ValueError):
+    c.sections = ("nope",)
+    with pytest.raises(OlmoJaxError, match="unknown sections"):
         bench.run_bench(c)

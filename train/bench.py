@@ -391,7 +391,8 @@ def run_bench(config: ConfigDict, *, quiet: bool = True) -> dict[str, Any]:
     c = config
     unknown = set(c.sections) - set(SECTIONS)
     if unknown:
-        raise ValueError(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+        from olmo_jax.config import OlmoJaxError
+        raise OlmoJaxError(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
     sections = set(c.sections)
     if not c.torch_compile:
         sections.discard("torch_compile")
