@@ -19,7 +19,7 @@ def base() -> ConfigDict:
     c.train = ConfigDict(dict(loss="ce", steps=32, grad_accum=1, remat=False, ckpt_every=16, keep=2,
                               log_every=1, eval_every=0, progress=True))
     # lr 5e-5 / clip 1 / batch 8 as in the reference PyTorch run (REFERENCE.md); `pipeline.tune` picks
-    # lr and steps per method on the heldout split instead (the `study` variant does).
+    # lr and steps per method on the heldout split instead (the `tuned` variant does).
     c.opt = ConfigDict(dict(lr=5e-5, warmup_steps=3, min_lr_ratio=0.1, weight_decay=0.0, b1=0.9, b2=0.95,
                             eps=1e-8, grad_clip=1.0))
     # Label-free KL over the five candidate answers (the texts the RC eval scores), T=1, forward KL.
