@@ -43,7 +43,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.seed = 0
     c.steps = 5             # timed steps per measurement (after warm-up)
     c.warmup = 2            # untimed steps (the first JAX call compiles; it is reported as compile_s)
-    c.sections = tuple(SECTIONS)  # a tuple so `--config.sections="(a, b)"` works
+    c.sections = tuple(SECTIONS)  # a tuple: `--config.sections="('jax_ce', 'torch_eager')"` works
     # JAX train step knobs (train.step): loss chunk along the target axis (0 = one chunk, no logits
     # recomputation in the backward pass), layer remat, and the learning rate (AdamW as in training).
     c.loss_chunk = 0
