@@ -58,6 +58,8 @@ def markdown(results: dict) -> str:
         lines.append("|---|---|---|---|")
         for k, c in results["comparisons"].items():
             lines.append(f"| {k} | {c['mean_diff']:+.4f} | [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] | {c['p_value']:.3f} |")
+    if results.get("speed"):
+        lines.append(speed_markdown(results["speed"]))
     return "\n".join(lines) + "\n"
 
 
@@ -146,15 +148,14 @@ def speed_markdown(speed: dict[str, dict]) -> str:
     for name, v in speed.items():
         lines.append(f"| {name} | {v['steps_timed']} | {v['median_step_s']:.2f} | {v['median_tokens_per_s']:.0f} | "
                      f"{v['loss_first']:.3f} -> {v['loss_last']:.3f} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)
 
 
 def write_report(results: dict, workdir: str) -> None:
     results["speed"] = step_speed(workdir)
     results["plots"] = plots(results, workdir)
     fsutil.atomic_write_json(os.path.join(workdir, "results.json"), results)
-    md = markdown(results) + (speed_markdown(results["speed"]) if results["speed"] else "")
-    fsutil.atomic_write_text(os.path.join(workdir, "results.md"), md)
+    fsutil.atomic_write_text(os.path.join(workdir, "results.md"), markdown(results))
 
 
 
