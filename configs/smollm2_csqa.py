@@ -27,14 +27,15 @@ def base() -> ConfigDict:
                                 positions="continuation", chunk=128))
     c.eval = ConfigDict(dict(task="csqa:rc_0shot", limit=300, batch_size=32, heldout_limit=0))
     c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1))
-    c.pipeline = ConfigDict(dict(ratios=[0.3], methods=["ce", "kl"], criteria=["l2"], data_sizes=[],
+    # Sequences are tuples, so they can be overridden: --config.pipeline.ratios="(0.1, 0.5)".
+    c.pipeline = ConfigDict(dict(ratios=(0.3,), methods=("ce", "kl"), criteria=("l2",), data_sizes=(),
                                  data_size_ratio=0.3, data_size_epochs=0, export_hf=False, equal_compute=False,
                                  eval_dense=True))
     # Model selection on the heldout split (500 train questions never trained on), at
     # data_size_ratio with prune.criterion: per method, each lr trains max(steps) steps and is scored
     # on heldout at every candidate step count; the best (lr, steps) is then used by every run of
     # that method. Empty lrs = no tuning (opt.lr, train.steps).
-    c.pipeline.tune = ConfigDict(dict(lrs=[], steps=[], limit=300))
+    c.pipeline.tune = ConfigDict(dict(lrs=(), steps=(), limit=300))
     c.jax = ConfigDict(dict(distributed=False, coordinator_address="", num_processes=1, process_id=0))
     return c
 
@@ -47,19 +48,19 @@ def get_config(arg: str | None = None) -> ConfigDict:
     elif arg in ("ce", "kl"):
         c.train.loss = arg
     elif arg == "study":  # docs/RESULTS.md; sized for ~1 h on 2 CPU cores
-        c.pipeline.ratios = [0.1, 0.3, 0.5]
-        c.pipeline.criteria = ["l2", "activation"]  # activation only at data_size_ratio
-        c.pipeline.data_sizes = []  # cut for time on 2 cores; the pipeline supports e.g. [250, 4000]
+        c.pipeline.ratios = (0.1, 0.3, 0.5)
+        c.pipeline.criteria = ("l2", "activation")  # activation only at data_size_ratio
+        c.pipeline.data_sizes = ()  # cut for time on 2 cores; the pipeline supports e.g. (250, 4000)
         c.pipeline.equal_compute = True  # plus a CE run with as many FLOPs as the KL run
         c.data.train_examples = 1000
         c.train.steps = 40
         c.train.ckpt_every = 20
         c.eval.limit = 0  # the full 1221-question validation set
     elif arg == "tuned":  # docs/RESULTS.md, second part: L2 30% with lr/steps tuned on heldout
-        c.pipeline.ratios = [0.3]
-        c.pipeline.tune.lrs = [2e-5, 5e-5, 1.5e-4]
-        c.pipeline.tune.steps = [40, 80]
-        c.pipeline.data_sizes = [160, 320, 640]
+        c.pipeline.ratios = (0.3,)
+        c.pipeline.tune.lrs = (2e-5, 5e-5, 1.5e-4)
+        c.pipeline.tune.steps = (40, 80)
+        c.pipeline.data_sizes = (160, 320, 640)
         c.pipeline.data_size_epochs = 1  # one pass over n questions: 20 / 40 / 80 steps
         c.pipeline.equal_compute = True
         c.data.train_examples = 1000

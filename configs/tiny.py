@@ -19,7 +19,7 @@ def get_config(arg: str | None = None):
     c.opt.warmup_steps = 1
     c.eval.limit = 12
     c.eval.batch_size = 8
-    c.pipeline.ratios = [0.5]
-    c.pipeline.data_sizes = [8, 16]
+    c.pipeline.ratios = (0.5,)
+    c.pipeline.data_sizes = (8, 16)
     c.pipeline.data_size_ratio = 0.5
     return c

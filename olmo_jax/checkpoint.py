@@ -12,9 +12,10 @@ import os
 from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
-from olmo_jax import fsutil
+from olmo_jax import distributed, fsutil
 from olmo_jax.config import ModelConfig, OlmoJaxError
 
 MARKER = "olmo_jax.json"
@@ -35,15 +36,24 @@ def read_config(path: str) -> tuple[ModelConfig, dict]:
 
 def save(path: str, cfg: ModelConfig, params: dict[str, Any], *, write_extra=None,
          meta: dict | None = None, overwrite: bool = False) -> str:
-    """Writes a complete checkpoint under a temporary name, then renames it into place."""
-    with fsutil.atomic_dir(path, overwrite=overwrite) as tmp:
+    """Writes a complete checkpoint under a temporary name, then renames it into place.
+
+    Multi-host: every process calls this together (Orbax saves collectively). `params` may be
+    global arrays (each process writes its shards) or a full replica per process (host copies
+    are saved once); the tokenizer and config files are written by process 0."""
+    multi = distributed.multi_process()
+    if multi:  # a per-process replica on local devices would be written by every process
+        params = jax.tree.map(lambda x: x if isinstance(x, jax.Array) and not x.is_fully_addressable
+                              else np.asarray(x), params)
+    with fsutil.atomic_dir(path, overwrite=overwrite, collective=multi) as tmp:
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(os.path.abspath(os.path.join(tmp, "params")), params)
         ckptr.wait_until_finished()
-        if write_extra is not None:  # e.g. tokenizer files
-            write_extra(tmp)
-        with open(os.path.join(tmp, MARKER), "w") as f:
-            json.dump({"format": FORMAT, "config": dataclasses.asdict(cfg), "meta": meta or {}}, f, indent=2)
+        if distributed.is_primary():
+            if write_extra is not None:  # e.g. tokenizer files
+                write_extra(tmp)
+            with open(os.path.join(tmp, MARKER), "w") as f:
+                json.dump({"format": FORMAT, "config": dataclasses.asdict(cfg), "meta": meta or {}}, f, indent=2)
     return path
 
 
@@ -52,7 +62,7 @@ def restore_params(path: str, cfg: ModelConfig, shardings=None) -> dict[str, Any
     from olmo_jax.model import param_shapes
 
     dtype = cfg.jnp_param_dtype
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(
         lambda shape, s: jax.ShapeDtypeStruct(shape, dtype, sharding=s),
         param_shapes(cfg), shardings if shardings is not None else jax.tree.map(

@@ -1,7 +1,11 @@
-"""Multi-host start-up: `jax.distributed.initialize` from a config group `jax`."""
+"""Multi-host start-up (`jax.distributed.initialize` from a config group `jax`) and the few
+collectives the stages around training need: who writes files, a barrier, gathering to the host.
+
+Everything here is a no-op (or the obvious local operation) in a single process."""
 from __future__ import annotations
 
 import jax
+import numpy as np
 
 _done = False
 
@@ -18,3 +22,64 @@ def maybe_initialize(jax_cfg) -> None:
                   process_id=int(jax_cfg.process_id))
     jax.distributed.initialize(**kw)
     _done = True
+
+
+def is_primary() -> bool:
+    """Process 0 writes the files every process agrees on (bookkeeping, reports, exports)."""
+    return jax.process_index() == 0
+
+
+def multi_process() -> bool:
+    return jax.process_count() > 1
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all arrive (e.g. until process 0 has written a file)."""
+    if multi_process():
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def to_host(tree):
+    """NumPy copies of a tree of arrays, including global arrays that span processes (gathered
+    from all of them: a collective, so every process must call it)."""
+    if multi_process() and any(isinstance(x, jax.Array) and not x.is_fully_addressable
+                               for x in jax.tree.leaves(tree)):
+        from jax.experimental import multihost_utils
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.tree.map(np.asarray, tree)
+
+
+def allgather_host(a: np.ndarray) -> np.ndarray:
+    """[P, *a.shape]: every process's host array `a`, bit-exact in its own dtype (sent as 32-bit
+    words: JAX would otherwise cast float64 to float32 without jax_enable_x64)."""
+    a = np.ascontiguousarray(a)
+    if not multi_process():
+        return a[None]
+    from jax.experimental import multihost_utils
+    words = a.reshape(-1).view(np.uint8)
+    pad = (-words.size) % 4
+    words = np.concatenate([words, np.zeros(pad, np.uint8)]).view(np.uint32)
+    out = np.asarray(multihost_utils.process_allgather(words))  # [P, n_words]
+    raw = out.view(np.uint8)[:, :a.nbytes]
+    return np.ascontiguousarray(raw).view(a.dtype).reshape((-1,) + a.shape)
+
+
+def to_local(tree):
+    """The tree on this process's first device (a full replica per process): what host-side stages
+    (pruning, evaluation, export) work on."""
+    return jax.device_put(to_host(tree), jax.local_devices()[0])
+
+
+def broadcast_str(text: str, max_bytes: int = 4096) -> str:
+    """Process 0's `text` on every process (e.g. a temporary directory name it chose)."""
+    if not multi_process():
+        return text
+    from jax.experimental import multihost_utils
+    raw = text.encode()
+    if len(raw) > max_bytes:
+        raise ValueError(f"string of {len(raw)} bytes is longer than {max_bytes}")
+    buf = np.zeros(max_bytes + 1, np.uint8)  # zero-terminated: at least one trailing zero
+    buf[:len(raw)] = np.frombuffer(raw, np.uint8)
+    out = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+    return bytes(out[:int(np.argmin(out))]).decode()

@@ -200,7 +200,7 @@ def load_params(cfg: ModelConfig, src: TensorSource, shardings=None) -> Params:
 
 
 def _single_device():
-    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's (multi-host)
 
 
 # ---- writing ----------------------------------------------------------------------------------

@@ -119,13 +119,18 @@ def test_other_config_on_same_workdir_is_refused(finished):
     assert r.stderr.strip().splitlines()[-1] == f"error: workdir {workdir} holds a run with a different config; use a new workdir"
 
 
-def test_multi_process_pipeline_is_refused_before_writing(tmp_path, monkeypatch):
-    import jax
+def test_relaunch_may_change_the_launch_but_not_the_study(finished):
+    """A study may be resumed on another topology (jax: coordinator, process count and id), not
+    with other settings (multi-process runs: tests/test_multihost_pipeline.py)."""
     from olmo_jax.config import OlmoJaxError
-    monkeypatch.setattr(jax, "process_count", lambda: 2)
-    with pytest.raises(OlmoJaxError, match="multi-host pipelines are not supported yet"):
-        run_pipeline(get_config(str(tmp_path / "model")), str(tmp_path / "work"))
-    assert not os.path.exists(tmp_path / "work")
+    from train.pipeline import _check_workdir
+    config, workdir, _ = finished
+    other = config.copy_and_resolve_references()
+    other.jax.coordinator_address, other.jax.num_processes, other.jax.process_id = "host0:1234", 4, 3
+    _check_workdir(other, workdir)
+    other.opt.lr *= 2
+    with pytest.raises(OlmoJaxError, match="holds a run with a different config"):
+        _check_workdir(other, workdir)
 
 
 @pytest.mark.parametrize("args, line", [

@@ -6,6 +6,12 @@ from the same pruned start (same data order, steps, seed) -> eval -> results.jso
 Every stage writes into WORKDIR/<stage>/ and marks itself done with a `done.json`; relaunching on
 the same workdir skips finished stages and resumes an interrupted training run from its last
 checkpoint. Stage names say what they hold: dense, prune-l2-0.3, run-l2-0.3-kl, ...
+
+Multi-host (config.jax.distributed): every process runs every stage. Training uses the global mesh;
+outside training each process holds a full replica of the model on its first local device
+(pruning is deterministic, so the replicas agree), evaluation splits its batches across processes,
+checkpoints are saved collectively, and process 0 alone writes bookkeeping, reports and HF exports,
+with a barrier after each stage (docs/RELIABILITY.md, "Multi-host").
 """
 from __future__ import annotations
 
@@ -16,7 +22,6 @@ import shutil
 import time
 from typing import Any, Callable
 
-import jax
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
@@ -26,7 +31,7 @@ import prune as prune_lib
 from olmo_jax import checkpoint, fsutil
 from olmo_jax.cli import user_errors
 from olmo_jax.config import OlmoJaxError
-from olmo_jax.distributed import maybe_initialize
+from olmo_jax.distributed import barrier, is_primary, maybe_initialize, multi_process, to_local
 from olmo_jax.model import Transformer
 from train.eval.metrics import paired_bootstrap
 from train.eval.run import correctness, evaluate_params
@@ -55,15 +60,20 @@ class Stages:
         return json.load(open(p)) if os.path.isfile(p) else None
 
     def run(self, name: str, fn: Callable[[str], dict]) -> dict:
+        """Multi-host: every process runs `fn`; process 0 marks the stage done, and all wait for
+        that, so the next stage's `result` reads the same on every process."""
         done = self.result(name)
         if done is not None:
             return done
-        self.log(f"[stage] {name}")
+        if is_primary():
+            self.log(f"[stage] {name}")
         os.makedirs(self.path(name), exist_ok=True)
         t0 = time.perf_counter()
         out = fn(self.path(name))
         out = dict(out, wall_s=out.get("wall_s", time.perf_counter() - t0))
-        fsutil.atomic_write_json(os.path.join(self.path(name), DONE), out)
+        if is_primary():
+            fsutil.atomic_write_json(os.path.join(self.path(name), DONE), out)
+        barrier(f"olmo_jax:stage:{name}")
         self.ran.append(name)
         return out
 
@@ -81,8 +91,27 @@ def _eval(config, model: Transformer, tokenizer, out: str, *, split="validation"
     res = evaluate_params(model.config, model.param_dict(), tokenizer, config.eval.task, split=split,
                           limit=(config.eval.limit or None) if limit is None else limit,
                           batch_size=config.eval.batch_size, progress=config.train.progress)
-    fsutil.atomic_write_json(os.path.join(out, "eval.json"), res)
+    if is_primary():
+        fsutil.atomic_write_json(os.path.join(out, "eval.json"), res)
     return {k: v for k, v in res.items() if k != "predictions"}
+
+
+def _remove_checkpoints(out: str):
+    """Training checkpoints of a finished stage (its final model is kept): once every process has
+    closed its checkpoint manager, process 0 deletes them."""
+    barrier(f"olmo_jax:remove_checkpoints:{out}")
+    if is_primary():
+        shutil.rmtree(os.path.join(out, "train", "checkpoints"), ignore_errors=True)
+
+
+def _local(model: Transformer) -> Transformer:
+    """Multi-host: the trained parameters (global arrays) as a full replica on this process's
+    first device, for the host-side stages (evaluation, export). One process: unchanged."""
+    if not multi_process():
+        return model
+    out = Transformer(model.config, to_local(model.param_dict()))
+    out.source = getattr(model, "source", None)
+    return out
 
 
 def _flops_per_token(cfg) -> float:
@@ -121,13 +150,6 @@ def validate_config(config) -> None:
 def run_pipeline(config, workdir: str) -> dict:
     validate_config(config)
     maybe_initialize(config.jax)
-    if jax.process_count() > 1:
-        # The training loop is multi-host (tests/test_multihost.py), but the stages around it are
-        # not yet: checkpoint.save's temporary directory, bookkeeping files and host-side pruning
-        # and scoring assume one process. Refuse before anything is written (docs/RELIABILITY.md).
-        raise OlmoJaxError(f"train.pipeline and train.main run in one process (any number of local devices); "
-                           f"this is process {jax.process_index()} of {jax.process_count()}: multi-host "
-                           f"pipelines are not supported yet (docs/RELIABILITY.md, 'Multi-host')")
     os.makedirs(workdir, exist_ok=True)
     _check_workdir(config, workdir)
     st = Stages(workdir)
@@ -162,7 +184,7 @@ def run_pipeline(config, workdir: str) -> dict:
                     else int(pruned.neuron_mask.get_value()[0].sum()))
             rep = prune_lib.report(dense.config, kept, criterion=criterion, ratio=ratio, mode=config.prune.mode)
             _save(pruned, out, meta={"prune": rep})
-            if config.prune.mode == "mask":
+            if config.prune.mode == "mask" and is_primary():
                 np.save(os.path.join(out, "neuron_mask.npy"), pruned.neuron_mask.get_value())
             return {"report": rep, "eval": _eval(config, pruned, tokenizer, out)}
 
@@ -197,6 +219,8 @@ def run_pipeline(config, workdir: str) -> dict:
             def heldout(params, step):
                 if step not in candidates:
                     return {}
+                if multi_process():
+                    params = to_local(params)
                 res = evaluate_params(student.config, params, tokenizer, config.eval.task, split="heldout",
                                       limit=p.tune.limit or None, batch_size=config.eval.batch_size)
                 curve[str(step)] = res["acc_per_char"] if "acc_per_char" in res else res["acc_raw"]
@@ -205,7 +229,7 @@ def run_pipeline(config, workdir: str) -> dict:
             cfg.train.eval_every = 1
             recover(cfg, os.path.join(out, "train"), student, dense, tokenizer, mesh=mesh, neuron_mask=mask,
                     eval_fn=heldout)
-            shutil.rmtree(os.path.join(out, "train", "checkpoints"), ignore_errors=True)
+            _remove_checkpoints(out)
             return {"method": method, "lr": lr, "heldout_acc": curve, "heldout_n": p.tune.limit or "all"}
 
         return name, st.run(name, fn)
@@ -230,17 +254,17 @@ def run_pipeline(config, workdir: str) -> dict:
             student, mask = load_pruned(pname)
             cfg = run_config(method, steps=steps)
             t0 = time.perf_counter()
-            model = recover(cfg, os.path.join(out, "train"), student, dense, tokenizer, mesh=mesh,
-                            neuron_mask=mask, train_examples=train_examples)
+            model = _local(recover(cfg, os.path.join(out, "train"), student, dense, tokenizer, mesh=mesh,
+                                   neuron_mask=mask, train_examples=train_examples))
             wall = time.perf_counter() - t0
             _save(model, out, meta={"method": method, "ratio": ratio, "criterion": criterion})
-            if p.export_hf:
+            if p.export_hf and is_primary():
                 olmo_jax.api.save_params_pretrained(model.config, model.param_dict(), os.path.join(out, "hf"),
                                                     tokenizer_src=dense_path, overwrite=True)
             tokens = _train_tokens(cfg, tokenizer, train_examples)
             fpt_s, fpt_t = _flops_per_token(model.config), _flops_per_token(dense.config)
             flops = 3 * fpt_s * tokens + (fpt_t * tokens if method == "kl" else 0.0)
-            shutil.rmtree(os.path.join(out, "train", "checkpoints"), ignore_errors=True)  # final model kept
+            _remove_checkpoints(out)
             return {"method": method, "ratio": ratio, "criterion": criterion, "steps": cfg.train.steps, "lr": cfg.opt.lr,
                     "train_examples": train_examples or cfg.data.train_examples, "train_wall_s": wall,
                     "input_tokens": tokens, "train_flops": flops, "eval": _eval(config, model, tokenizer, out)}
@@ -276,7 +300,9 @@ def run_pipeline(config, workdir: str) -> dict:
 
     results["comparisons"] = _paired(st, results)
     from train.report import write_report
-    write_report(results, workdir)
+    if is_primary():
+        write_report(results, workdir)
+    barrier("olmo_jax:report")
     return results
 
 
@@ -300,17 +326,20 @@ def _paired(st: Stages, results: dict) -> dict:
 
 def _check_workdir(config, workdir: str):
     """A workdir belongs to one configuration: relaunching with a different one is refused (it
-    would mix results), except for presentation-only fields."""
+    would mix results), except for presentation-only fields and the launch (`jax`: coordinator,
+    process id; a study may be resumed on another topology)."""
     path = os.path.join(workdir, "pipeline_config.json")
     cfg = config.to_dict()
-    for volatile in ("progress",):
-        cfg["train"].pop(volatile, None)
+    cfg["train"].pop("progress", None)
+    cfg.pop("jax", None)
     if os.path.exists(path):
         old = json.load(open(path))
+        old.pop("jax", None)  # written by earlier versions
         if old != json.loads(json.dumps(cfg)):
             raise OlmoJaxError(f"workdir {workdir} holds a run with a different config; use a new workdir")
-    else:
+    elif is_primary():
         fsutil.atomic_write_json(path, cfg)
+    barrier("olmo_jax:pipeline_config")
 
 
 def single_run(config, workdir: str) -> dict:
@@ -337,7 +366,8 @@ def main(argv):
         except Preempted as e:
             print(str(e))
             raise SystemExit(EXIT_PREEMPTED)
-        print(open(os.path.join(flags.FLAGS.workdir, "results.md")).read())
+        if is_primary():
+            print(open(os.path.join(flags.FLAGS.workdir, "results.md")).read())
         del results
 
 

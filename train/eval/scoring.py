@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from olmo_jax.config import ModelConfig
+from olmo_jax.distributed import allgather_host
 from olmo_jax.model import gather_positions, head_weight, hidden_states
 from train.data import bos_prefix, tokenizer_pad_id
 from train.packing import DEFAULT_SEQ_BUCKETS, collate, pack_branches
@@ -80,11 +81,14 @@ def score_items(cfg: ModelConfig, params, tokenizer, items: Sequence[Item], *, b
     pad = tokenizer_pad_id(tokenizer)
     # Sort by length so each batch pads little; results go back to their original index.
     order = sorted(range(len(items)), key=lambda i: len(toks[i][0]) + sum(map(len, toks[i][1])))
+    # Multi-host: process p scores batches p, p+P, ... (the same batches as one process would, so
+    # the same numbers) and the results are summed across processes (zeros elsewhere).
+    starts = list(range(0, len(order), batch_size))[jax.process_index()::jax.process_count()]
     bar = None
-    if progress:
+    if progress and jax.process_index() == 0:
         from tqdm.auto import tqdm
-        bar = tqdm(total=len(items), desc="eval", dynamic_ncols=True)
-    for start in range(0, len(order), batch_size):
+        bar = tqdm(total=sum(len(order[s:s + batch_size]) for s in starts), desc="eval", dynamic_ncols=True)
+    for start in starts:
         idx = order[start:start + batch_size]
         rows = [pack_branches(*toks[i]) for i in idx]
         batch = collate(rows, seq_buckets=SEQ_BUCKETS, tgt_buckets=TGT_BUCKETS, pad_id=pad, batch_size=batch_size)
@@ -99,4 +103,6 @@ def score_items(cfg: ModelConfig, params, tokenizer, items: Sequence[Item], *, b
             bar.update(len(idx))
     if bar is not None:
         bar.close()
+    if jax.process_count() > 1:
+        loglik, ntok = (allgather_host(a).sum(axis=0) for a in (loglik, ntok))
     return loglik, ntok
