@@ -1,15 +1,22 @@
 """OLMo-2 SFT models on TPU pods / GPUs: prune MLP neurons, recover with CE (L2PFT) or KL (L2PSD).
 
-    python -m train.pipeline --config=configs/olmo2.py:7b --workdir=gs://BUCKET/olmo2-7b \
-        --config.model.src=/path/to/OLMo-2-1124-7B-SFT
+    # one host (one H200, or one TPU VM host such as v5p-8 / v6e-8): one process, all local devices
+    python -m train.pipeline --config=configs/olmo2.py:7b,h200 --workdir=/data/runs/olmo2-7b \
+        --config.model.src=/data/OLMo-2-1124-7B-SFT
+
+    # a multi-host TPU slice: the same command on every host (jax.distributed auto-detects the pod)
+    gcloud compute tpus tpu-vm ssh NAME --zone=ZONE --worker=all --command="cd olmo-jax && \
+        python -m train.pipeline --config=configs/olmo2.py:7b,v5p-64 --workdir=/mnt/gcs/olmo2-7b \
+        --config.model.src=/mnt/gcs/OLMo-2-1124-7B-SFT --config.jax.distributed=True"
 
 Variants: 1b | 7b (default) | 13b | 32b, optionally with a hardware suffix: `7b,h200`, `7b,v5p-64`,
-`32b,v6e-256`. The pipeline runs in ONE process over all of its local devices (one H200, one
-TPU VM host such as v5p-8 / v6e-8). The multi-host slices (v5p-64, v6e-256, v5p-512) need the
-pipeline stages made multi-host first: the training loop is (`train.loop.train`, started on every
-host with `--config.jax.distributed=True`; tested with 2 CPU processes), but the pipeline refuses
-process_count > 1 today (docs/RELIABILITY.md, "Multi-host"). The weights are read shard by shard
-straight into their place on the mesh.
+`32b,v6e-256`. Multi-host: every process runs every stage on the global mesh; the workdir and the
+model must be the same POSIX path on every host (NFS/Filestore, or the bucket mounted with gcsfuse;
+`gs://` URLs are refused). On GPU clusters without auto-detection add
+`--config.jax.coordinator_address=HOST:PORT --config.jax.num_processes=N --config.jax.process_id=I`.
+Tested with 2 CPU processes (tests/test_multihost_pipeline.py); not yet run on a TPU slice. The
+weights are read shard by shard straight into their place on the mesh and stay sharded in every
+stage (pruning, evaluation, export): a model never has to fit on one device.
 """
 from ml_collections import ConfigDict
 

@@ -5,9 +5,7 @@ import json
 import os
 from typing import Any
 
-import jax
-
-from olmo_jax import checkpoint, fsutil, hf_io
+from olmo_jax import checkpoint, distributed, fsutil, hf_io
 from olmo_jax.assets import resolve
 from olmo_jax.config import ModelConfig, OlmoJaxError
 from olmo_jax.model import Transformer
@@ -105,12 +103,14 @@ def save_params_pretrained(cfg: ModelConfig, params, out_dir: str, tokenizer_src
     import numpy as np
 
     dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[cfg.param_dtype]
-    with fsutil.atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    # Multi-host: every process calls this (tensors are gathered collectively); process 0 writes.
+    with fsutil.atomic_dir(out_dir, overwrite=overwrite, collective=distributed.multi_process()) as tmp:
         hf_io.write_safetensors(cfg, params, tmp, max_shard_bytes=max_shard_bytes, dtype=dtype)
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(cfg.to_hf(), f, indent=2)
-        if tokenizer_src is not None:
-            write_tokenizer(tokenizer_src, tmp)
+        if distributed.is_primary():
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(cfg.to_hf(), f, indent=2)
+            if tokenizer_src is not None:
+                write_tokenizer(tokenizer_src, tmp)
     return out_dir
 
 

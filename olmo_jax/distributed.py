@@ -42,33 +42,13 @@ def barrier(name: str) -> None:
 
 def to_host(tree):
     """NumPy copies of a tree of arrays, including global arrays that span processes (gathered
-    from all of them: a collective, so every process must call it)."""
-    if multi_process() and any(isinstance(x, jax.Array) and not x.is_fully_addressable
-                               for x in jax.tree.leaves(tree)):
-        from jax.experimental import multihost_utils
-        return multihost_utils.process_allgather(tree, tiled=True)
-    return jax.tree.map(np.asarray, tree)
-
-
-def allgather_host(a: np.ndarray) -> np.ndarray:
-    """[P, *a.shape]: every process's host array `a`, bit-exact in its own dtype (sent as 32-bit
-    words: JAX would otherwise cast float64 to float32 without jax_enable_x64)."""
-    a = np.ascontiguousarray(a)
-    if not multi_process():
-        return a[None]
-    from jax.experimental import multihost_utils
-    words = a.reshape(-1).view(np.uint8)
-    pad = (-words.size) % 4
-    words = np.concatenate([words, np.zeros(pad, np.uint8)]).view(np.uint32)
-    out = np.asarray(multihost_utils.process_allgather(words))  # [P, n_words]
-    raw = out.view(np.uint8)[:, :a.nbytes]
-    return np.ascontiguousarray(raw).view(a.dtype).reshape((-1,) + a.shape)
-
-
-def to_local(tree):
-    """The tree on this process's first device (a full replica per process): what host-side stages
-    (pruning, evaluation, export) work on."""
-    return jax.device_put(to_host(tree), jax.local_devices()[0])
+    from all of them: a collective, so every process must call it, in the same order)."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+    return jax.tree.map(one, tree)
 
 
 def broadcast_str(text: str, max_bytes: int = 4096) -> str:

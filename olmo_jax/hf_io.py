@@ -18,6 +18,7 @@ import numpy as np
 from safetensors import safe_open
 
 from olmo_jax.config import ModelConfig, OlmoJaxError
+from olmo_jax.distributed import is_primary, to_host
 from olmo_jax.model import param_shapes
 
 Params = dict[str, Any]
@@ -210,7 +211,7 @@ def hf_tensors(cfg: ModelConfig, params: Params, dtype=None) -> Iterator[tuple[s
     for e in name_table(cfg):
         arr = _get(params, e.path)
         for i in range(cfg.num_layers if e.stacked else 1):
-            x = np.asarray(jax.device_get(arr[i] if e.stacked else arr))
+            x = to_host(arr[i] if e.stacked else arr)  # multi-host: gathered from every process
             if e.transpose:
                 x = x.T
             if dtype is not None:
@@ -220,17 +221,22 @@ def hf_tensors(cfg: ModelConfig, params: Params, dtype=None) -> Iterator[tuple[s
 
 def write_safetensors(cfg: ModelConfig, params: Params, out_dir: str, *,
                       max_shard_bytes: int = 2 * 1024**3, dtype=None) -> None:
-    """Writes model.safetensors, or numbered shards plus an index when above max_shard_bytes."""
+    """Writes model.safetensors, or numbered shards plus an index when above max_shard_bytes.
+    Multi-host: every process calls this (each tensor is gathered collectively); process 0 writes."""
     from safetensors.numpy import save_file
 
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name, x in hf_tensors(cfg, params, dtype):
+        if not is_primary():
+            continue
         if shards[-1] and size + x.nbytes > max_shard_bytes:
             shards.append({})
             size = 0
         shards[-1][name] = x
         size += x.nbytes
+    if not is_primary():
+        return
     meta = {"format": "pt"}  # transformers expects this metadata key
     if len(shards) == 1:
         save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata=meta)

@@ -1,10 +1,10 @@
 """Layer-wise MLP-neuron pruning: importance -> select -> apply_masks (mask mode) or compact."""
 from __future__ import annotations
 
-import numpy as np
 from flax import nnx
 
 from olmo_jax.config import OlmoJaxError
+from olmo_jax.distributed import to_host
 from olmo_jax.model import Transformer
 from prune.compact import compact, compact_params, kept_indices
 from prune.importance import CRITERIA, importance
@@ -29,7 +29,7 @@ def prune(model: Transformer, ratio: float, criterion: str = "l2", *, mode: str 
     """
     if mode not in MODES:
         raise OlmoJaxError(f"unknown prune mode {mode!r}; choose from {MODES}")
-    mask = select(np.asarray(importance(model, criterion, batches=batches)), ratio, multiple_of)
+    mask = select(to_host(importance(model, criterion, batches=batches)), ratio, multiple_of)  # scores may span hosts
     if mode == "compact":
         return compact(model, mask)
     out = Transformer(model.config, apply_masks(model.param_dict(), mask))

@@ -1,7 +1,8 @@
 """The study pipeline across two processes (jax.distributed on localhost, 2 CPU devices each), launched
 with the documented command line, equals the same pipeline in one process on 4 devices: the same
-stages and files, bitwise the same dense and pruned models and evaluations (evaluation batches are
-split across the processes), trained models within float rounding (gloo vs in-process all-reduces).
+stages and files, bitwise the same dense and pruned models, evaluations and trained models within
+float rounding (gloo vs in-process all-reduces). Models stay sharded over the global mesh in every
+stage (no process holds a whole model on one device).
 Process 0 alone writes bookkeeping and reports; a relaunch on the finished workdir recomputes nothing."""
 import json
 import os
@@ -30,7 +31,8 @@ def _free_port() -> int:
 def _launch(model: str, workdir: str, log: str, devices: int, process: tuple[int, int, str] | None = None):
     args = [sys.executable, "-m", "train.pipeline", "--config=configs/tiny.py", f"--workdir={workdir}",
             f"--config.model.src={model}", "--config.pipeline.data_sizes=()", "--config.pipeline.tune.lrs=(0.001,)",
-            "--config.pipeline.tune.steps=(3,)", "--config.pipeline.tune.limit=8", "--config.pipeline.export_hf=True"]
+            "--config.pipeline.tune.steps=(3,)", "--config.pipeline.tune.limit=8", "--config.pipeline.export_hf=True",
+            "--config.pipeline.criteria=('l2', 'activation')"]
     if process is not None:
         pid, count, coordinator = process
         args += ["--config.jax.distributed=True", f"--config.jax.coordinator_address={coordinator}",
@@ -100,26 +102,36 @@ def _params(path):
 
 def test_same_stages_and_files_as_one_process(runs):
     stages = _stages(runs["single"])
-    assert {"dense", "eval-dense", "prune-l2-0.5", "tuning", "run-l2-0.5-ce", "run-l2-0.5-kl"} <= set(stages)
+    assert {"dense", "eval-dense", "prune-l2-0.5", "prune-activation-0.5", "tuning", "run-l2-0.5-ce",
+            "run-l2-0.5-kl", "run-activation-0.5-ce", "run-activation-0.5-kl"} <= set(stages)
     assert _stages(runs["multi"]) == stages
     assert _files(runs["multi"]) == _files(runs["single"])
     assert not [f for f in os.listdir(runs["multi"]) if ".tmp-" in f or ".old-" in f]  # every rename done
 
 
-def test_dense_and_pruned_evaluation_bitwise_equal(runs):
-    for stage in ("eval-dense", "prune-l2-0.5"):
-        np.testing.assert_array_equal(_loglik(runs["multi"], stage), _loglik(runs["single"], stage), err_msg=stage)
-    for stage in ("dense", "prune-l2-0.5"):
+def test_dense_and_pruned_models_bitwise_equal_and_evaluated_alike(runs):
+    # loading, weight norms, top-k and slicing: no arithmetic that depends on the device layout;
+    # activation scores come from a sharded forward pass, but ulp-level differences did not change
+    # which neurons are kept
+    for stage in ("dense", "prune-l2-0.5", "prune-activation-0.5"):
         got, want = (_params(os.path.join(runs[w], stage, "model")) for w in ("multi", "single"))
         assert set(got) == set(want)
         for k in want:
             np.testing.assert_array_equal(got[k], want[k], err_msg=f"{stage}: {k}")
+    for stage in ("eval-dense", "prune-l2-0.5", "prune-activation-0.5"):
+        # FSDP-sharded matmuls sum partial products across devices: gloo and in-process all-reduces
+        # may round differently (1 ulp seen)
+        np.testing.assert_allclose(_loglik(runs["multi"], stage), _loglik(runs["single"], stage), rtol=1e-6,
+                                   err_msg=stage)
+        preds = [[p["pred"] for p in json.load(open(os.path.join(runs[w], stage, "eval.json")))["predictions"]]
+                 for w in ("multi", "single")]
+        assert preds[0] == preds[1]
 
 
 def test_trained_runs_equal_within_float_rounding(runs):
     tuned = [json.load(open(os.path.join(runs[w], "tuning", "done.json")))["chosen"] for w in ("multi", "single")]
     assert tuned[0] == tuned[1] and tuned[0]["ce"]["steps"] == 3
-    for stage in ("run-l2-0.5-ce", "run-l2-0.5-kl"):
+    for stage in ("run-l2-0.5-ce", "run-l2-0.5-kl", "run-activation-0.5-ce", "run-activation-0.5-kl"):
         logs = [[json.loads(l) for l in open(os.path.join(runs[w], stage, "train", "metrics.jsonl"))]
                 for w in ("multi", "single")]
         assert [m["step"] for m in logs[0]] == [m["step"] for m in logs[1]] == [1, 2, 3]
@@ -129,8 +141,11 @@ def test_trained_runs_equal_within_float_rounding(runs):
         for fmt in ("model", "hf"):  # our checkpoint and the Hugging Face export
             got, want = (_params(os.path.join(runs[w], stage, fmt)) for w in ("multi", "single"))
             assert set(got) == set(want)
-            for k in want:
-                np.testing.assert_allclose(got[k], want[k], atol=1e-5, err_msg=f"{stage}/{fmt}: {k}")
+            diff = np.concatenate([np.abs(got[k] - want[k]).ravel() for k in want])
+            # The tiny student's KL (~1e-5) has near-zero gradients; Adam divides by sqrt(v), which
+            # turns their rounding into updates of ~1e-5 (measured max 1.1e-5; lr 1e-3 x 3 steps
+            # bounds a real divergence at 3e-3). Nearly all entries agree to 1e-6 (measured >99.9%).
+            assert diff.max() < 1e-4 and np.mean(diff > 1e-6) < 1e-2, (stage, fmt, diff.max())
     res = [json.load(open(os.path.join(runs[w], "results.json"))) for w in ("multi", "single")]
     for name, run in res[1]["runs"].items():
         assert res[0]["runs"][name]["eval"]["acc_per_char"] == run["eval"]["acc_per_char"], name

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from configs.tiny import get_config
@@ -23,7 +24,7 @@ def finished(tmp_path_factory):
     workdir = str(base / "work")
     import train.pipeline as P
     calls, orig = [], P.evaluate_params
-    P.evaluate_params = lambda *a, **k: calls.append((k["split"], k["limit"])) or orig(*a, **k)
+    P.evaluate_params = lambda *a, **k: calls.append((k["split"], k["limit"], _placement(a[1]))) or orig(*a, **k)
     try:
         results = run_pipeline(config, workdir)
     finally:
@@ -31,11 +32,25 @@ def finished(tmp_path_factory):
     return config, workdir, results | {"eval_calls": calls}
 
 
+def _placement(params):
+    """(devices of every parameter, whether the embedding is split): where evaluation ran."""
+    leaves = jax.tree.leaves(params)
+    return ({len(x.sharding.device_set) for x in leaves}, not params["embed"].sharding.is_fully_replicated)
+
+
+def test_models_stay_sharded_over_the_mesh_in_every_stage(finished):
+    """Evaluation (of the dense, pruned and trained models) sees the mesh layout: no stage gathers a
+    whole model onto one device (what makes 13B/32B pipelines fit)."""
+    _, _, results = finished
+    assert {c[2][1] for c in results["eval_calls"]} == {True}
+    assert set().union(*(c[2][0] for c in results["eval_calls"])) == {jax.device_count()} == {8}
+
+
 def test_tuning_picks_lr_and_steps_on_heldout_only(finished):
     config, workdir, results = finished
     tuning = results["tuning"]
     # 2 methods x 2 lrs x 2 candidate step counts, all on the heldout split; nothing else used heldout.
-    assert sorted(c for c in results["eval_calls"] if c[0] == "heldout") == [("heldout", 8)] * 8
+    assert sorted(c[:2] for c in results["eval_calls"] if c[0] == "heldout") == [("heldout", 8)] * 8
     for method in config.pipeline.methods:
         grid = tuning["grid"][method]
         assert set(grid) == {"lr0.001", "lr0.003"} and all(set(c) == {"1", "2"} for c in grid.values())
@@ -137,8 +152,11 @@ def test_relaunch_may_change_the_launch_but_not_the_study(finished):
     (["-m", "train.report", "--workdir=/nonexistent"],
      "error: --workdir='/nonexistent' is not a pipeline workdir (no pipeline_config.json)"),
     (["-m", "train.eval.bench", "--limit=-1"], "error: --limit must be >= 0 (0 = all 1221 questions), got -1"),
+    (["-m", "train.pipeline", "--config=configs/tiny.py", "--workdir=gs://bucket/run"],
+     "error: workdir gs://bucket/run is a URL; give a path every host sees (NFS, or the bucket mounted with "
+     "gcsfuse): stage bookkeeping uses file renames"),
 ])
-def test_report_and_eval_bench_clis_give_one_error_line(args, line):
+def test_clis_give_one_error_line(args, line):
     r = subprocess.run([sys.executable, *args], capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.dirname(__file__)))
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == line

@@ -7,11 +7,11 @@ Every stage writes into WORKDIR/<stage>/ and marks itself done with a `done.json
 the same workdir skips finished stages and resumes an interrupted training run from its last
 checkpoint. Stage names say what they hold: dense, prune-l2-0.3, run-l2-0.3-kl, ...
 
-Multi-host (config.jax.distributed): every process runs every stage. Training uses the global mesh;
-outside training each process holds a full replica of the model on its first local device
-(pruning is deterministic, so the replicas agree), evaluation splits its batches across processes,
-checkpoints are saved collectively, and process 0 alone writes bookkeeping, reports and HF exports,
-with a barrier after each stage (docs/RELIABILITY.md, "Multi-host").
+Every model lives on the configured mesh (`config.mesh`), sharded as in training, from loading to
+export: pruning, evaluation and export never need a whole model on one device (13B/32B).
+Multi-host (config.jax.distributed): every process runs every stage on the global mesh;
+checkpoints are saved collectively, and process 0 alone writes bookkeeping, reports and the HF
+files, with a barrier after each stage (docs/RELIABILITY.md, "Multi-host").
 """
 from __future__ import annotations
 
@@ -28,16 +28,16 @@ from ml_collections import config_flags
 
 import olmo_jax
 import prune as prune_lib
-from olmo_jax import checkpoint, fsutil
+from olmo_jax import fsutil
 from olmo_jax.cli import user_errors
 from olmo_jax.config import OlmoJaxError
-from olmo_jax.distributed import barrier, is_primary, maybe_initialize, multi_process, to_local
+from olmo_jax.distributed import barrier, is_primary, maybe_initialize
 from olmo_jax.model import Transformer
 from train.eval.metrics import paired_bootstrap
 from train.eval.run import correctness, evaluate_params
 from train.loop import EXIT_PREEMPTED, Preempted
 from train.recover import make_train_batcher, mesh_from_config, recover
-from train.step import LossConfig
+from train.step import LossConfig, place_params
 
 DONE = "done.json"
 
@@ -78,8 +78,19 @@ class Stages:
         return out
 
 
-def _load(path: str, config) -> Transformer:
-    return olmo_jax.from_pretrained(path, dtype=config.model.dtype, compute_dtype=config.model.compute_dtype)
+def _load(path: str, config, mesh) -> Transformer:
+    return olmo_jax.from_pretrained(path, dtype=config.model.dtype, compute_dtype=config.model.compute_dtype,
+                                    mesh=mesh)
+
+
+def _on_mesh(model: Transformer, mesh) -> Transformer:
+    """The model with its parameters in their mesh layout (e.g. after compaction changed shapes)."""
+    out = Transformer(model.config, place_params(model.config, model.param_dict(), mesh))
+    out.source = getattr(model, "source", None)
+    for extra in ("neuron_mask",):
+        if hasattr(model, extra):
+            setattr(out, extra, getattr(model, extra))
+    return out
 
 
 def _save(model: Transformer, out: str, meta: dict | None = None):
@@ -102,16 +113,6 @@ def _remove_checkpoints(out: str):
     barrier(f"olmo_jax:remove_checkpoints:{out}")
     if is_primary():
         shutil.rmtree(os.path.join(out, "train", "checkpoints"), ignore_errors=True)
-
-
-def _local(model: Transformer) -> Transformer:
-    """Multi-host: the trained parameters (global arrays) as a full replica on this process's
-    first device, for the host-side stages (evaluation, export). One process: unchanged."""
-    if not multi_process():
-        return model
-    out = Transformer(model.config, to_local(model.param_dict()))
-    out.source = getattr(model, "source", None)
-    return out
 
 
 def _flops_per_token(cfg) -> float:
@@ -149,23 +150,25 @@ def validate_config(config) -> None:
 
 def run_pipeline(config, workdir: str) -> dict:
     validate_config(config)
+    if "://" in workdir:  # os.makedirs would create a local directory named "gs:"
+        raise OlmoJaxError(f"workdir {workdir} is a URL; give a path every host sees (NFS, or the bucket "
+                           f"mounted with gcsfuse): stage bookkeeping uses file renames")
     maybe_initialize(config.jax)
     os.makedirs(workdir, exist_ok=True)
     _check_workdir(config, workdir)
     st = Stages(workdir)
     p = config.pipeline
-    tokenizer_src = olmo_jax.assets.resolve(config.model.src)
+    mesh = mesh_from_config(config.mesh)
 
     def dense_stage(out):
-        model = _load(config.model.src, config)
+        model = _load(config.model.src, config, mesh)
         _save(model, out, meta={"source": model.source})
         return {"source": model.source, "params": model.config.num_params()}
 
     st.run("dense", dense_stage)
     dense_path = os.path.join(st.path("dense"), "model")
     tokenizer = olmo_jax.load_tokenizer(dense_path)
-    dense = _load(dense_path, config)
-    mesh = mesh_from_config(config.mesh)
+    dense = _load(dense_path, config, mesh)
     results: dict[str, Any] = {"config": config.to_dict(), "runs": {}}
     if p.eval_dense:
         results["dense"] = st.run("eval-dense", lambda out: _eval(config, dense, tokenizer, out))
@@ -178,8 +181,8 @@ def run_pipeline(config, workdir: str) -> dict:
             if criterion == "activation":
                 from train.data import calibration_batches
                 batches = calibration_batches(tokenizer, config.prune.calib_examples)
-            pruned = prune_lib.prune(dense, ratio, criterion, mode=config.prune.mode,
-                                     multiple_of=config.prune.multiple_of, batches=batches)
+            pruned = _on_mesh(prune_lib.prune(dense, ratio, criterion, mode=config.prune.mode,
+                                              multiple_of=config.prune.multiple_of, batches=batches), mesh)
             kept = (pruned.config.intermediate_size if config.prune.mode == "compact"
                     else int(pruned.neuron_mask.get_value()[0].sum()))
             rep = prune_lib.report(dense.config, kept, criterion=criterion, ratio=ratio, mode=config.prune.mode)
@@ -191,7 +194,7 @@ def run_pipeline(config, workdir: str) -> dict:
         return name, st.run(name, fn)
 
     def load_pruned(name):
-        model = _load(os.path.join(st.path(name), "model"), config)
+        model = _load(os.path.join(st.path(name), "model"), config, mesh)
         mask_path = os.path.join(st.path(name), "neuron_mask.npy")
         return model, (np.load(mask_path) if os.path.exists(mask_path) else None)
 
@@ -219,8 +222,6 @@ def run_pipeline(config, workdir: str) -> dict:
             def heldout(params, step):
                 if step not in candidates:
                     return {}
-                if multi_process():
-                    params = to_local(params)
                 res = evaluate_params(student.config, params, tokenizer, config.eval.task, split="heldout",
                                       limit=p.tune.limit or None, batch_size=config.eval.batch_size)
                 curve[str(step)] = res["acc_per_char"] if "acc_per_char" in res else res["acc_raw"]
@@ -254,11 +255,11 @@ def run_pipeline(config, workdir: str) -> dict:
             student, mask = load_pruned(pname)
             cfg = run_config(method, steps=steps)
             t0 = time.perf_counter()
-            model = _local(recover(cfg, os.path.join(out, "train"), student, dense, tokenizer, mesh=mesh,
-                                   neuron_mask=mask, train_examples=train_examples))
+            model = recover(cfg, os.path.join(out, "train"), student, dense, tokenizer, mesh=mesh,
+                            neuron_mask=mask, train_examples=train_examples)
             wall = time.perf_counter() - t0
             _save(model, out, meta={"method": method, "ratio": ratio, "criterion": criterion})
-            if p.export_hf and is_primary():
+            if p.export_hf:
                 olmo_jax.api.save_params_pretrained(model.config, model.param_dict(), os.path.join(out, "hf"),
                                                     tokenizer_src=dense_path, overwrite=True)
             tokens = _train_tokens(cfg, tokenizer, train_examples)

@@ -15,9 +15,11 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
 from olmo_jax.config import ModelConfig
-from olmo_jax.distributed import allgather_host
+from olmo_jax.distributed import to_host
+from olmo_jax.sharding import batch_sharding
 from olmo_jax.model import gather_positions, head_weight, hidden_states
 from train.data import bos_prefix, tokenizer_pad_id
 from train.packing import DEFAULT_SEQ_BUCKETS, collate, pack_branches
@@ -73,26 +75,33 @@ def tokenize_items(items: Sequence[Item], tokenizer):
 
 def score_items(cfg: ModelConfig, params, tokenizer, items: Sequence[Item], *, batch_size: int = 32,
                 progress: bool = False):
-    """Returns (loglik [N, C], num_tokens [N, C]) float64/int arrays; C = max choices."""
+    """Returns (loglik [N, C], num_tokens [N, C]) float64/int arrays; C = max choices.
+
+    Parameters on one device: batches go to that device. Parameters on a mesh (the pipeline, also
+    multi-host): each batch is split over the mesh's data-parallel axes like a training batch
+    (batch_size rounded up to their size), so every process must call this with the same items."""
     toks = tokenize_items(items, tokenizer)
     c_max = max(len(it.continuations) for it in items)
     loglik = np.zeros((len(items), c_max))
     ntok = np.zeros((len(items), c_max), np.int64)
     pad = tokenizer_pad_id(tokenizer)
+    mesh = _mesh_of(params)
+    if mesh is not None:
+        n = mesh.shape["data"] * mesh.shape["fsdp"]
+        batch_size = -(-batch_size // n) * n
     # Sort by length so each batch pads little; results go back to their original index.
     order = sorted(range(len(items)), key=lambda i: len(toks[i][0]) + sum(map(len, toks[i][1])))
-    # Multi-host: process p scores batches p, p+P, ... (the same batches as one process would, so
-    # the same numbers) and the results are summed across processes (zeros elsewhere).
-    starts = list(range(0, len(order), batch_size))[jax.process_index()::jax.process_count()]
     bar = None
     if progress and jax.process_index() == 0:
         from tqdm.auto import tqdm
-        bar = tqdm(total=sum(len(order[s:s + batch_size]) for s in starts), desc="eval", dynamic_ncols=True)
-    for start in starts:
+        bar = tqdm(total=len(items), desc="eval", dynamic_ncols=True)
+    for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         rows = [pack_branches(*toks[i]) for i in idx]
         batch = collate(rows, seq_buckets=SEQ_BUCKETS, tgt_buckets=TGT_BUCKETS, pad_id=pad, batch_size=batch_size)
-        lp = np.asarray(_score_batch(cfg, params, {k: jnp.asarray(v) for k, v in batch.items()}), np.float64)
+        on_device = {k: jnp.asarray(v) if mesh is None else jax.device_put(v, batch_sharding(mesh, v.ndim))
+                     for k, v in batch.items()}
+        lp = to_host(_score_batch(cfg, params, on_device)).astype(np.float64)
         for r, i in enumerate(idx):
             g = batch["tgt_group"][r]
             for c in range(len(items[i].continuations)):
@@ -103,6 +112,10 @@ def score_items(cfg: ModelConfig, params, tokenizer, items: Sequence[Item], *, b
             bar.update(len(idx))
     if bar is not None:
         bar.close()
-    if jax.process_count() > 1:
-        loglik, ntok = (allgather_host(a).sum(axis=0) for a in (loglik, ntok))
     return loglik, ntok
+
+
+def _mesh_of(params):
+    """The mesh the parameters live on (None: a single device)."""
+    sharding = jax.tree.leaves(params)[0].sharding
+    return sharding.mesh if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1 else None
