@@ -186,6 +186,10 @@ def test_kill9_then_relaunch_is_bitwise_exact(src, reference, tmp_path):
     r = run(cmd)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from step {latest}" in r.stdout
+    # the report says the run's wall time covers the last launch only
+    assert json.load(open(os.path.join(stage_dir(workdir), "done.json")))["resumed_from_step"] == latest
+    assert "resumed from a checkpoint: train s counts the last launch only" in open(os.path.join(workdir, "results.md")).read()
+    assert json.load(open(os.path.join(stage_dir(reference), "done.json")))["resumed_from_step"] is None
     logged = metrics(workdir)
     assert [m["step"] for m in logged] == list(range(1, STEPS + 1))  # no gaps, no duplicates
     # the same loss at every step as the uninterrupted run, bit for bit

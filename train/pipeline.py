@@ -115,6 +115,13 @@ def _remove_checkpoints(out: str):
         shutil.rmtree(os.path.join(out, "train", "checkpoints"), ignore_errors=True)
 
 
+def _latest_checkpoint_step(directory: str) -> int | None:
+    """The newest training checkpoint a relaunch will resume from (None: a fresh run), so that the
+    report can say its train_wall_s covers only the last launch."""
+    steps = [int(d) for d in os.listdir(directory) if d.isdigit()] if os.path.isdir(directory) else []
+    return max(steps, default=None)
+
+
 def _flops_per_token(cfg) -> float:
     """Forward FLOPs per token, 2 * N (N = all matmul parameters incl. the LM head; attention
     scores are ignored: they are <2% at these lengths). Training = 3x forward (6N)."""
@@ -254,6 +261,7 @@ def run_pipeline(config, workdir: str) -> dict:
         def fn(out):
             student, mask = load_pruned(pname)
             cfg = run_config(method, steps=steps)
+            resumed_from = _latest_checkpoint_step(os.path.join(out, "train", "checkpoints"))
             t0 = time.perf_counter()
             model = recover(cfg, os.path.join(out, "train"), student, dense, tokenizer, mesh=mesh,
                             neuron_mask=mask, train_examples=train_examples)
@@ -268,6 +276,7 @@ def run_pipeline(config, workdir: str) -> dict:
             _remove_checkpoints(out)
             return {"method": method, "ratio": ratio, "criterion": criterion, "steps": cfg.train.steps, "lr": cfg.opt.lr,
                     "train_examples": train_examples or cfg.data.train_examples, "train_wall_s": wall,
+                    "resumed_from_step": resumed_from,
                     "input_tokens": tokens, "train_flops": flops, "eval": _eval(config, model, tokenizer, out)}
 
         results["runs"][name] = st.run(name, fn)

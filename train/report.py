@@ -23,7 +23,8 @@ def rows(results: dict) -> list[dict]:
             out.append(dict(name=name, criterion=r["criterion"], ratio=r["ratio"], method=r["method"],
                             retention_all=base["retention_all"], retention_mlp=base["retention_mlp"],
                             train_examples=r["train_examples"], steps=r["steps"], lr=r.get("lr"), eval=r["eval"],
-                            train_wall_s=r["train_wall_s"], train_flops=r["train_flops"]))
+                            train_wall_s=r["train_wall_s"], train_flops=r["train_flops"],
+                            resumed=r.get("resumed_from_step") is not None))
     return out
 
 
@@ -51,7 +52,10 @@ def markdown(results: dict) -> str:
         lines.append(
             f"| {r['name']} | {r['criterion']} | {r['ratio']} | {r['retention_all']:.3f} / {r['retention_mlp']:.3f} | "
             f"{r['method']} | {r['train_examples']} | {r['steps']} | {'' if r['lr'] is None else format(r['lr'], 'g')} | {e[pm]:.4f} [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}] | "
-            f"{e['acc_raw']:.4f} | {e['calibration']['ece']:.4f} | {r['train_wall_s']:.0f} | {r['train_flops'] / 1e12:.1f} |")
+            f"{e['acc_raw']:.4f} | {e['calibration']['ece']:.4f} | {r['train_wall_s']:.0f}{'*' if r.get('resumed') else ''} | "
+            f"{r['train_flops'] / 1e12:.1f} |")
+    if any(r.get("resumed") for r in rows(results)):
+        lines.append("\n\\* resumed from a checkpoint: train s counts the last launch only.")
     if results.get("comparisons"):
         lines.append("\nPaired bootstrap, KL minus CE (same questions):\n")
         lines.append("| comparison | mean diff | 95% CI | p |")
