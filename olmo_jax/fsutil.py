@@ -42,9 +42,9 @@ def atomic_dir(path: str, *, overwrite: bool = False, collective: bool = False):
 
 @contextlib.contextmanager
 def _shared_tmp(path: str):
-    """atomic_dir across processes. A process that fails leaves the others waiting in a barrier
-    until jax.distributed's heartbeat ends them; the temporary directory is then left behind,
-    never `path` half-written."""
+    """atomic_dir across processes. If a process dies, the others fail at their next collective
+    and exit after jax.distributed's heartbeat timeout (docs/RELIABILITY.md); the temporary
+    directory is then left behind, never `path` half-written."""
     name = ""
     if distributed.is_primary():
         name = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=os.path.dirname(path))

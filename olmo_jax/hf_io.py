@@ -201,7 +201,7 @@ def load_params(cfg: ModelConfig, src: TensorSource, shardings=None) -> Params:
 
 
 def _single_device():
-    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's (multi-host)
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's first device
 
 
 # ---- writing ----------------------------------------------------------------------------------
