@@ -12,7 +12,6 @@ import os
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from olmo_jax import distributed, fsutil
@@ -38,14 +37,9 @@ def save(path: str, cfg: ModelConfig, params: dict[str, Any], *, write_extra=Non
          meta: dict | None = None, overwrite: bool = False) -> str:
     """Writes a complete checkpoint under a temporary name, then renames it into place.
 
-    Multi-host: every process calls this together (Orbax saves collectively). `params` may be
-    global arrays (each process writes its shards) or a full replica per process (host copies
-    are saved once); the tokenizer and config files are written by process 0."""
-    multi = distributed.multi_process()
-    if multi:  # a per-process replica on local devices would be written by every process
-        params = jax.tree.map(lambda x: x if isinstance(x, jax.Array) and not x.is_fully_addressable
-                              else np.asarray(x), params)
-    with fsutil.atomic_dir(path, overwrite=overwrite, collective=multi) as tmp:
+    Multi-host: every process calls this together with global arrays (Orbax saves collectively,
+    each process its shards); the tokenizer and config files are written by process 0."""
+    with fsutil.atomic_dir(path, overwrite=overwrite, collective=distributed.multi_process()) as tmp:
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(os.path.abspath(os.path.join(tmp, "params")), params)
         ckptr.wait_until_finished()

@@ -87,9 +87,8 @@ def _on_mesh(model: Transformer, mesh) -> Transformer:
     """The model with its parameters in their mesh layout (e.g. after compaction changed shapes)."""
     out = Transformer(model.config, place_params(model.config, model.param_dict(), mesh))
     out.source = getattr(model, "source", None)
-    for extra in ("neuron_mask",):
-        if hasattr(model, extra):
-            setattr(out, extra, getattr(model, extra))
+    if hasattr(model, "neuron_mask"):  # mask mode
+        out.neuron_mask = model.neuron_mask
     return out
 
 
@@ -116,8 +115,9 @@ def _remove_checkpoints(out: str):
 
 
 def _latest_checkpoint_step(directory: str) -> int | None:
-    """The newest training checkpoint a relaunch will resume from (None: a fresh run), so that the
-    report can say its train_wall_s covers only the last launch."""
+    """The newest training checkpoint directory (None: a fresh run), so that the report can say a
+    resumed run's train_wall_s covers only the last launch. (If that checkpoint is unreadable the
+    loop resumes from an earlier one; the flag is still right, the step may be too high.)"""
     steps = [int(d) for d in os.listdir(directory) if d.isdigit()] if os.path.isdir(directory) else []
     return max(steps, default=None)
 

@@ -46,7 +46,8 @@ def markdown(results: dict) -> str:
         lines.append("")
     lines.append("| run | criterion | ratio | retention all / MLP | method | examples | steps | lr | acc_per_char [95% CI] | acc_raw | ECE | train s | train TFLOP |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows(results):
+    table = rows(results)
+    for r in table:
         e = r["eval"]
         pm = e["primary_metric"]
         lines.append(
@@ -54,7 +55,7 @@ def markdown(results: dict) -> str:
             f"{r['method']} | {r['train_examples']} | {r['steps']} | {'' if r['lr'] is None else format(r['lr'], 'g')} | {e[pm]:.4f} [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}] | "
             f"{e['acc_raw']:.4f} | {e['calibration']['ece']:.4f} | {r['train_wall_s']:.0f}{'*' if r.get('resumed') else ''} | "
             f"{r['train_flops'] / 1e12:.1f} |")
-    if any(r.get("resumed") for r in rows(results)):
+    if any(r.get("resumed") for r in table):
         lines.append("\n\\* resumed from a checkpoint: train s counts the last launch only.")
     if results.get("comparisons"):
         lines.append("\nPaired bootstrap, KL minus CE (same questions):\n")

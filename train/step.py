@@ -143,8 +143,5 @@ def jit_train_step(step_fn, mesh: Mesh, state, teacher_params, example_batch):
 
 
 def place_params(cfg: ModelConfig, params, mesh: Mesh):
-    if jax.process_count() > 1:  # JAX moves a per-process replica onto a global mesh only from the host
-        params = jax.tree.map(lambda x: x if isinstance(x, jax.Array) and not x.is_fully_addressable
-                              else np.asarray(x), params)
     return jax.device_put(params, param_shardings(cfg, mesh))
 
