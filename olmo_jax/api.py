@@ -74,9 +74,7 @@ def from_pretrained(path: str, *, dtype: str = "float32", mesh=None,
         params = hf_io.load_params(cfg, hf_io.SafetensorsSource(path), shardings)
     else:
         params = hf_io.load_params(cfg, hf_io.DictSource(_gguf_tensors(path, cfg.to_hf())), shardings)
-    model = Transformer(cfg, params)
-    model.source = path  # where the tokenizer lives, for export and evaluation
-    return model
+    return Transformer(cfg, params, source=path)  # the tokenizer lives at `source`
 
 
 def load_tokenizer(path: str):
@@ -93,7 +91,7 @@ def save_pretrained(model: Transformer, out_dir: str, tokenizer_src: str | None 
     """Writes a Hugging Face directory (safetensors, config.json, tokenizer) that
     `transformers.AutoModelForCausalLM.from_pretrained` loads. Atomic: temp dir, then rename."""
     return save_params_pretrained(model.config, model.param_dict(), out_dir,
-                                  tokenizer_src or getattr(model, "source", None),
+                                  tokenizer_src or model.source,
                                   max_shard_bytes=max_shard_bytes, overwrite=overwrite)
 
 
@@ -126,6 +124,6 @@ def write_tokenizer(src: str, out_dir: str) -> None:
 def save_checkpoint(model: Transformer, out_dir: str, *, meta: dict | None = None,
                     overwrite: bool = False) -> str:
     """Our Orbax checkpoint (with the tokenizer, when the model knows its source)."""
-    src = getattr(model, "source", None)
+    src = model.source
     return checkpoint.save(out_dir, model.config, model.param_dict(), meta=meta, overwrite=overwrite,
                            write_extra=(lambda d: write_tokenizer(src, d)) if src else None)

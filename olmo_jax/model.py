@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from olmo_jax.config import ModelConfig
@@ -81,23 +82,23 @@ def _mm(x, w):
     return y.reshape(*lead, w.shape[-1])
 
 
-def attention(cfg: ModelConfig, p: Params, x_BxTxD, cos, sin, mask_BxTxT):
+def attention(cfg: ModelConfig, p: Params, x_BxTxD, cos_BxTxE, sin_BxTxE, mask_BxTxT):
     b, t, _ = x_BxTxD.shape
     h, k, e = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    q, kk, v = _mm(x_BxTxD, p["q_proj"]), _mm(x_BxTxD, p["k_proj"]), _mm(x_BxTxD, p["v_proj"])
+    q_BxTxHE, k_BxTxKE, v_BxTxKE = (_mm(x_BxTxD, p[n]) for n in ("q_proj", "k_proj", "v_proj"))
     if cfg.qk_norm:  # over the full projection width, before splitting heads and before RoPE
-        q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps, weight_in_fp32=True)
-        kk = rms_norm(kk, p["k_norm"], cfg.rms_norm_eps, weight_in_fp32=True)
-    q = apply_rope(q.reshape(b, t, h, e), cos, sin)
-    kk = apply_rope(kk.reshape(b, t, k, e), cos, sin)
-    v = v.reshape(b, t, k, e)
-    q_BxTxKxGxE = q.reshape(b, t, k, h // k, e)
-    scores = jnp.einsum("btkge,bske->bkgts", q_BxTxKxGxE, kk,
-                        preferred_element_type=jnp.float32) * (e ** -0.5)
-    scores = jnp.where(mask_BxTxT[:, None, None], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bske->btkge", probs, v).reshape(b, t, h * e)
-    return _mm(out, p["o_proj"])
+        q_BxTxHE = rms_norm(q_BxTxHE, p["q_norm"], cfg.rms_norm_eps, weight_in_fp32=True)
+        k_BxTxKE = rms_norm(k_BxTxKE, p["k_norm"], cfg.rms_norm_eps, weight_in_fp32=True)
+    q_BxTxHxE = apply_rope(q_BxTxHE.reshape(b, t, h, e), cos_BxTxE, sin_BxTxE)
+    k_BxTxKxE = apply_rope(k_BxTxKE.reshape(b, t, k, e), cos_BxTxE, sin_BxTxE)
+    v_BxTxKxE = v_BxTxKE.reshape(b, t, k, e)
+    q_BxTxKxGxE = q_BxTxHxE.reshape(b, t, k, h // k, e)
+    scores_BxKxGxTxT = jnp.einsum("btkge,bske->bkgts", q_BxTxKxGxE, k_BxTxKxE,
+                                  preferred_element_type=jnp.float32) * (e ** -0.5)
+    scores_BxKxGxTxT = jnp.where(mask_BxTxT[:, None, None], scores_BxKxGxTxT, _MASK_VALUE)
+    probs_BxKxGxTxT = jax.nn.softmax(scores_BxKxGxTxT, axis=-1).astype(v_BxTxKxE.dtype)
+    out_BxTxHE = jnp.einsum("bkgts,bske->btkge", probs_BxKxGxTxT, v_BxTxKxE).reshape(b, t, h * e)
+    return _mm(out_BxTxHE, p["o_proj"])
 
 
 def mlp(p: Params, x_BxTxD):
@@ -230,18 +231,38 @@ def _to_nnx(tree):
     return nnx.Param(tree)
 
 
+class NeuronMask(nnx.Variable):
+    """The [L, I] boolean mask a mask-mode pruned model carries (not a trainable parameter)."""
+
+
 class Transformer(nnx.Module):
     """The model as an NNX module. `model(input_ids)` -> logits [B, T, V] (float32).
 
     Parameters live in `self.params` (an nnx.Dict of nnx.Param); `nnx.split(model, nnx.Param)`
     gives the pure pytree the functional core (`forward`) runs on.
+    source: where the model was loaded from (its tokenizer lives there), or None.
+    neuron_mask: [L, I] bool for a mask-mode pruned model (pruned neurons are zero), or None.
     """
 
-    def __init__(self, config: ModelConfig, params: Params | None = None, *, rngs: nnx.Rngs | None = None):
+    def __init__(self, config: ModelConfig, params: Params | None = None, *, source: str | None = None,
+                 neuron_mask=None, rngs: nnx.Rngs | None = None):
         self.config = config
         if params is None:
             params = init_params(config, (rngs or nnx.Rngs(0)).params())
         self.params = _to_nnx(params)
+        self.source = source
+        self.neuron_mask = None if neuron_mask is None else NeuronMask(np.asarray(neuron_mask, bool))
+
+    def with_params(self, params: Params) -> "Transformer":
+        """The same model (config, source, mask) holding `params` (e.g. trained, or re-placed)."""
+        mask = None if self.neuron_mask is None else self.neuron_mask.get_value()
+        return Transformer(self.config, params, source=self.source, neuron_mask=mask)
+
+    def kept_neurons(self) -> int:
+        """MLP neurons per layer that carry weight: all of them, or the mask's count in mask mode."""
+        if self.neuron_mask is None:
+            return self.config.intermediate_size
+        return int(self.neuron_mask.get_value()[0].sum())
 
     def param_dict(self) -> Params:
         return nnx.to_pure_dict(nnx.state(self, nnx.Param))["params"]

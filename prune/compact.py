@@ -35,6 +35,4 @@ def compact_params(cfg: ModelConfig, params, mask_LxI):
 def compact(model: Transformer, mask_LxI) -> Transformer:
     """A new, smaller `Transformer` built from the reduced config and filled with sliced weights."""
     cfg, params = compact_params(model.config, model.param_dict(), mask_LxI)
-    out = Transformer(cfg, params)
-    out.source = getattr(model, "source", None)
-    return out
+    return Transformer(cfg, params, source=model.source)

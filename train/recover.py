@@ -58,6 +58,4 @@ def recover(config, workdir: str, student: Transformer, teacher: Transformer | N
         neuron_mask=neuron_mask, grad_accum=config.train.grad_accum, remat=config.train.remat,
         ckpt_every=config.train.ckpt_every, keep=config.train.keep, log_every=config.train.log_every,
         progress=config.train.progress, eval_fn=eval_fn, eval_every=config.train.eval_every)
-    out = Transformer(student.config, params)
-    out.source = getattr(student, "source", None)
-    return out
+    return student.with_params(params)
