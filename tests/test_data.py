@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import olmo_jax
+from olmo_jax import csqa
 from train import data as D
 from train.packing import DEFAULT_SEQ_BUCKETS, DEFAULT_TGT_BUCKETS, row_lengths
 
@@ -19,7 +20,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def heldout():
-    return D.csqa_dataset("heldout")
+    return csqa.load_split("heldout")
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,10 @@ def _rows(tokenized, **kw):
     return [D.build_example(c, ch, lab, **kw) for c, ch, lab in tokenized]
 
 
+def _ids(rows):
+    return [r["id"] for r in rows]
+
+
 def _decode(tok, ids):
     return tok.decode([int(i) for i in ids])
 
@@ -39,29 +44,29 @@ def _decode(tok, ids):
 
 def test_shipped_splits():
     import datasets
-    full = datasets.load_dataset("json", data_files=f"{D.DATA_DIR}/train.jsonl.gz", split="train")
+    full = datasets.load_dataset("json", data_files=f"{csqa.DATA_DIR}/train.jsonl.gz", split="train")
     assert len(full) == 9741
-    train, held, val = D.csqa_dataset("train"), D.csqa_dataset("heldout"), D.csqa_dataset("validation")
+    train, held, val = csqa.load_split("train"), csqa.load_split("heldout"), csqa.load_split("validation")
     assert (len(train), len(held), len(val)) == (9741 - 500, 500, 1221)
-    tr, he, va = set(train["id"]), set(held["id"]), set(val["id"])
+    tr, he, va = (set(_ids(rows)) for rows in (train, held, val))
     assert not tr & he and not (tr | he) & va
     assert tr | he == set(full["id"])
     # the held-out set is the documented fixed subset, in file order
-    idx = D.heldout_indices(9741)
-    assert list(held["id"]) == [full["id"][int(i)] for i in idx]
-    assert sorted(train["id"]) == sorted(set(full["id"]) - set(held["id"]))
+    idx = csqa.heldout_indices(9741)
+    assert _ids(held) == [full["id"][int(i)] for i in idx]
+    assert sorted(_ids(train)) == sorted(set(full["id"]) - set(_ids(held)))
     with pytest.raises(ValueError, match="unknown CSQA split"):
-        D.csqa_dataset("test")
+        csqa.load_split("test")
 
 
 def test_nested_subsets():
-    ids = {n: set(D.csqa_dataset("train", limit=n)["id"]) for n in (250, 1000, 4000)}
+    ids = {n: set(_ids(csqa.load_split("train", limit=n))) for n in (250, 1000, 4000)}
     assert [len(v) for v in ids.values()] == [250, 1000, 4000]
     assert ids[250] < ids[1000] < ids[4000]
-    assert set(D.csqa_dataset("train", limit=250)["id"]) == ids[250]  # deterministic
-    assert set(D.csqa_dataset("train", limit=250, limit_seed=1)["id"]) != ids[250]
+    assert set(_ids(csqa.load_split("train", limit=250))) == ids[250]  # deterministic
+    assert set(_ids(csqa.load_split("train", limit=250, limit_seed=1))) != ids[250]
     with pytest.raises(ValueError, match="limit"):
-        D.csqa_dataset("heldout", limit=501)
+        csqa.load_split("heldout", limit=501)
 
 
 def _write(path, rows):
@@ -82,7 +87,7 @@ def test_malformed_row_is_a_clear_error(tmp_path, breakage, match):
     breakage(bad)
     _write(tmp_path / "validation.jsonl.gz", [good, good, bad])
     with pytest.raises(ValueError, match=rf"CSQA validation.*row 2 is malformed.*{match}"):
-        D.csqa_dataset("validation", data_dir=str(tmp_path))
+        csqa.load_split("validation", data_dir=str(tmp_path))
 
 
 # ---- rendering and rows -------------------------------------------------------------------------
@@ -92,18 +97,18 @@ def test_rendering_matches_olmes():
           "choices": {"label": list("ABCDE"),
                       "text": ["race track", "populated areas", "the desert", "apartment", "roadblock"]},
           "answerKey": "B"}
-    ctx, conts = D.render(ex)
+    ctx, conts = csqa.render(ex)
     assert ctx == "Question: Sammy wanted to go to where the people were.  Where might he go?\nAnswer:"
     assert conts == [" race track", " populated areas", " the desert", " apartment", " roadblock"]
-    assert D.gold_index(ex) == 1
+    assert csqa.gold_index(ex) == 1
     # the same text straight from the shipped file
-    shipped = [ds[ids.index(SAMMY)] for ds in (D.csqa_dataset("train"), D.csqa_dataset("heldout"))
-               for ids in [list(ds["id"])] if SAMMY in ids]
-    assert len(shipped) == 1 and D.render(shipped[0]) == (ctx, conts) and D.gold_index(shipped[0]) == 1
+    shipped = [ds[ids.index(SAMMY)] for ds in (csqa.load_split("train"), csqa.load_split("heldout"))
+               for ids in [_ids(ds)] if SAMMY in ids]
+    assert len(shipped) == 1 and csqa.render(shipped[0]) == (ctx, conts) and csqa.gold_index(shipped[0]) == 1
 
 
 def test_tokenisation_separate_and_no_bos(tok):
-    assert D.bos_prefix(tok) == []  # SmolLM2 adds no BOS
+    assert csqa.bos_prefix(tok) == []  # SmolLM2 adds no BOS
     ex = {"question": "Where do fish live?", "choices": {"label": list("ABCDE"),
           "text": ["water", "sky", "tree", "desert", "car"]}, "answerKey": "A"}
     [(ctx, conts, label)] = D.tokenize_examples([ex], tok)
@@ -130,8 +135,8 @@ def test_bos_prepended_once_when_the_tokenizer_adds_one():
 
 def test_rows_by_mode_decode_to_answers(tok, heldout, heldout_tok):
     for ex, (ctx, conts, label) in list(zip(heldout, heldout_tok))[:40]:
-        context, texts = D.render(ex)
-        gold = D.gold_index(ex)
+        context, texts = csqa.render(ex)
+        gold = csqa.gold_index(ex)
         assert label == gold
         ce = D.build_example(ctx, conts, label, mode="ce")
         p = len(ctx)
@@ -167,7 +172,7 @@ def test_rows_by_mode_decode_to_answers(tok, heldout, heldout_tok):
 
 def test_every_row_fits_the_default_buckets(tok):
     for split in ("train", "validation"):
-        tokd = D.tokenize_examples(D.csqa_dataset(split), tok)
+        tokd = D.tokenize_examples(csqa.load_split(split), tok)
         for kw in (dict(mode="ce"), dict(mode="ce", positions="all"), dict(mode="kl"),
                    dict(mode="kl", positions="all"), dict(mode="kl", inputs="question")):
             lens = np.array([row_lengths(r) for r in _rows(tokd, **kw)])
@@ -183,7 +188,7 @@ def _equal(a, b):
 
 def test_kl_default_uses_no_label(tok, heldout):
     examples = list(heldout)
-    rotated = [dict(e, answerKey="ABCDE"[(D.gold_index(e) + 1) % 5]) for e in examples]
+    rotated = [dict(e, answerKey="ABCDE"[(csqa.gold_index(e) + 1) % 5]) for e in examples]
     unlabeled = [dict(e, answerKey=None) for e in examples]
     for kw in (dict(mode="kl"), dict(mode="kl", positions="all"), dict(mode="kl", inputs="question")):
         b1, b2, b3 = (D.Batcher(D.build_rows(x, tok, **kw), batch_size=16, seed=3)
@@ -256,3 +261,18 @@ def test_make_batcher(tok):
     assert b.n == 250 and b.pad_id == 2
     batch = b.batch_at(0)
     assert batch["tokens"].shape == (8, 64)
+
+
+def test_training_rows_are_the_olmes_eval_prompts(tok):
+    """The CE row of a question is, token for token, the rc_0shot request (context + gold answer)
+    that evaluation scores, and the KL row's branches are its five continuations."""
+    from train.eval.requests import build_requests, group_requests
+    examples = csqa.load_split("validation")[:50]
+    questions = group_requests(build_requests("csqa:rc_0shot", examples))
+    scored = csqa.tokenize_pairs(tok, [(q.context, q.continuations) for q in questions])
+    for (ctx, conts, label), q, (q_ctx, q_conts) in zip(D.tokenize_examples(examples, tok), questions, scored):
+        assert label == q.gold and ctx == q_ctx and conts == q_conts
+        ce = D.build_example(ctx, conts, label, mode="ce")
+        assert ce["tokens"].tolist() == q_ctx + q_conts[q.gold]
+        kl = D.build_example(ctx, conts, None, mode="kl")
+        assert [kl["tgt_tok"][kl["tgt_group"] == c].tolist() for c in range(5)] == q_conts

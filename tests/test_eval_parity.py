@@ -9,7 +9,8 @@ import transformers
 import olmo_jax
 from olmo_jax.assets import smollm2_gguf_path
 from train.eval.metrics import choice_scores, correct
-from train.eval.requests import build_requests, group_requests, load_csqa
+from olmo_jax import csqa
+from train.eval.requests import build_requests, group_requests
 from train.eval.run import evaluate_params
 from train.eval.scoring import Item, score_items
 from train.eval.torch_ref import score_questions_torch
@@ -22,7 +23,7 @@ def test_rc_0shot_matches_transformers_on_300_questions():
     path = smollm2_gguf_path()
     ours = olmo_jax.from_pretrained(path)
     tok = olmo_jax.load_tokenizer(path)
-    questions = group_requests(build_requests("csqa:rc_0shot", load_csqa("validation")[:N]))
+    questions = group_requests(build_requests("csqa:rc_0shot", csqa.load_file("validation")[:N]))
     items = [Item(q.context, q.continuations) for q in questions]
     gold = np.array([q.gold for q in questions])
     chars = np.array([q.num_chars for q in questions])

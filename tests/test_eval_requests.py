@@ -4,18 +4,19 @@ import json
 
 import pytest
 
-from train.eval.requests import (TASKS, UNCOND_CONTEXT, build_requests, group_requests, load_csqa,
-                                 load_olmes_requests, olmes_requests_path, to_matrix)
+from olmo_jax import csqa
+from train.eval.requests import (TASKS, UNCOND_CONTEXT, build_requests, group_requests, load_olmes_requests,
+                                 olmes_requests_path, to_matrix)
 
 
 @pytest.fixture(scope="module")
 def val():
-    return load_csqa("validation")
+    return csqa.load_file("validation")
 
 
 @pytest.fixture(scope="module")
 def train():
-    return load_csqa("train")
+    return csqa.load_file("train")
 
 
 def test_shipped_files_load(val, train):
@@ -63,7 +64,7 @@ def test_unknown_task(val):
 
 def test_unknown_split():
     with pytest.raises(ValueError, match="validation"):
-        load_csqa("test")
+        csqa.load_split("test")
 
 
 def test_missing_fewshot_examples(val):
@@ -86,7 +87,7 @@ def test_malformed_row(tmp_path, bad, msg):
         f.write(json.dumps(GOOD) + "\n")
         f.write((bad if isinstance(bad, str) else json.dumps(bad)) + "\n")
     with pytest.raises(ValueError, match=rf"bad\.jsonl\.gz:2: .*{msg}"):
-        load_csqa("validation", path=str(path))
+        csqa.read_file(str(path), "validation")
     if not isinstance(bad, str):  # build_requests checks rows too (rows may come from elsewhere)
         with pytest.raises(ValueError, match=msg):
             build_requests("csqa:rc_0shot", [bad])

@@ -536,11 +536,11 @@ def test_malformed_data_row_is_a_user_error_naming_the_row(src, tmp_path, monkey
     import olmo_jax
     from configs.tiny import get_config
     from olmo_jax.config import OlmoJaxError
-    from train import data as data_lib
+    from olmo_jax import csqa
     from train.recover import make_train_batcher
     with gzip.open(tmp_path / "train.jsonl.gz", "wt") as f:
         f.write(_csqa_row(0) + "\n" + bad_line + "\n")
-    monkeypatch.setattr(data_lib, "DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(csqa, "DATA_DIR", str(tmp_path))
     config = get_config(src)
     with pytest.raises(OlmoJaxError) as e:
         make_train_batcher(config, olmo_jax.load_tokenizer(src))

@@ -23,14 +23,15 @@ def run(limit: int | None) -> dict:
 
     import olmo_jax
     from olmo_jax.assets import smollm2_gguf_path
-    from train.eval.requests import build_requests, group_requests, load_csqa
+    from olmo_jax import csqa
+    from train.eval.requests import build_requests, group_requests
     from train.eval.scoring import Item, score_items
     from train.eval.torch_ref import score_questions_torch
 
     path = smollm2_gguf_path()
     ours = olmo_jax.from_pretrained(path)
     tok = olmo_jax.load_tokenizer(path)
-    rows = load_csqa("validation")
+    rows = csqa.load_file("validation")
     questions = group_requests(build_requests("csqa:rc_0shot", rows[:limit] if limit else rows))
     items = [Item(q.context, q.continuations) for q in questions]
     items += [Item(q.uncond_context, q.uncond_continuations) for q in questions]

@@ -28,10 +28,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data_files", "csqa")
-SPLITS = ("train", "validation")
+from olmo_jax import csqa
+
 TASKS = ("csqa:rc_0shot", "csqa:rc_5shot", "csqa:mc_5shot")
-LABELS = ("A", "B", "C", "D", "E")
 UNCOND_CONTEXT = "Answer:"
 UNCOND_DOCID_OFFSET = 1_000_000  # OLMES's metric_kwargs.uncond_docid_offset
 # OLMES's curated few-shot source "OLMES:commonsense_qa": the same five train questions, in this
@@ -79,67 +78,11 @@ class Question:
 
 
 # ---------------------------------------------------------------------------------------------
-# Data
-
-def _check_row(row, where: str) -> None:
-    if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    missing = [k for k in ("id", "question", "choices", "answerKey") if k not in row]
-    if missing:
-        raise ValueError(f"{where}: missing key(s) {missing}")
-    ch = row["choices"]
-    if not isinstance(ch, dict) or "label" not in ch or "text" not in ch:
-        raise ValueError(f"{where}: 'choices' must be an object with 'label' and 'text'")
-    if len(ch["label"]) != 5 or len(ch["text"]) != 5:
-        raise ValueError(f"{where}: expected 5 choices, got {len(ch['label'])} labels and {len(ch['text'])} texts")
-    if tuple(ch["label"]) != LABELS:
-        raise ValueError(f"{where}: choice labels must be {list(LABELS)}, got {ch['label']}")
-    if not all(isinstance(t, str) for t in ch["text"]) or not isinstance(row["question"], str):
-        raise ValueError(f"{where}: question and choice texts must be strings")
-    if row["answerKey"] not in ch["label"]:
-        raise ValueError(f"{where}: answerKey {row['answerKey']!r} is not one of the labels {ch['label']}")
-
-
-def load_csqa(split: str, path: str | None = None) -> list[dict]:
-    """Rows of the shipped CSQA file (`train/data_files/csqa/{split}.jsonl.gz`), in file order."""
-    if path is None:
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; valid: {list(SPLITS)}")
-        path = os.path.join(DATA_DIR, f"{split}.jsonl.gz")
-    rows = []
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e})") from None
-            _check_row(row, where)
-            rows.append(row)
-    return rows
-
-
-# ---------------------------------------------------------------------------------------------
-# Rendering
-
-def _rc_query(row: dict) -> str:
-    return "Question: " + row["question"] + "\nAnswer:"
-
-
-def _mc_query(row: dict) -> str:
-    opts = "".join(f" {lab}. {txt}\n" for lab, txt in zip(row["choices"]["label"], row["choices"]["text"]))
-    return "Question: " + row["question"] + "\n" + opts + "Answer:"
-
-
-def _gold(row: dict) -> int:
-    return row["choices"]["label"].index(row["answerKey"])
-
+# Rendering (the renderers themselves live in the task module, olmo_jax.csqa)
 
 def _fewshot_prefix(train_rows: Sequence[dict] | None, mc: bool) -> str:
     if train_rows is None:
-        train_rows = load_csqa("train")
+        train_rows = csqa.load_file("train")
     by_id = {r["id"]: r for r in train_rows}
     missing = [i for i in FEWSHOT_IDS if i not in by_id]
     if missing:
@@ -147,27 +90,27 @@ def _fewshot_prefix(train_rows: Sequence[dict] | None, mc: bool) -> str:
     shots = []
     for i in FEWSHOT_IDS:
         r = by_id[i]
-        answer = r["answerKey"] if mc else r["choices"]["text"][_gold(r)]
-        shots.append((_mc_query(r) if mc else _rc_query(r)) + " " + answer + "\n\n")
+        answer = r["answerKey"] if mc else r["choices"]["text"][csqa.gold_index(r)]
+        shots.append((csqa.mc_context(r) if mc else csqa.rc_context(r)) + " " + answer + "\n\n")
     return "".join(shots)
 
 
 def build_requests(task: str, rows: Sequence[dict], train_rows: Sequence[dict] | None = None) -> list[Request]:
-    """OLMES requests for `task` over `rows` (e.g. `load_csqa("validation")`), in OLMES order.
+    """OLMES requests for `task` over `rows` (e.g. `csqa.load_split("validation")`), in OLMES order.
 
     `train_rows` supplies the 5-shot examples (looked up by id); default: the shipped train file.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; valid: {list(TASKS)}")
     for i, r in enumerate(rows):
-        _check_row(r, f"rows[{i}]")
+        csqa.check_row(r, f"rows[{i}]")
     mc = task == "csqa:mc_5shot"
     prefix = _fewshot_prefix(train_rows, mc) if task.endswith("5shot") else ""
     reqs = []
     for d, r in enumerate(rows):
-        ctx = prefix + (_mc_query(r) if mc else _rc_query(r))
-        conts = [" " + lab for lab in r["choices"]["label"]] if mc else [" " + t for t in r["choices"]["text"]]
-        reqs += [Request(d, r["id"], ctx, c, j, _gold(r)) for j, c in enumerate(conts)]
+        ctx = prefix + (csqa.mc_context(r) if mc else csqa.rc_context(r))
+        conts = csqa.mc_continuations(r) if mc else csqa.rc_continuations(r)
+        reqs += [Request(d, r["id"], ctx, c, j, csqa.gold_index(r)) for j, c in enumerate(conts)]
     if not mc:  # unconditional rows come after all conditional ones, as in the OLMES files
         reqs += [Request(q.doc_id, q.native_id, UNCOND_CONTEXT, q.continuation, q.choice, q.gold, uncond=True)
                  for q in list(reqs)]

@@ -8,7 +8,8 @@ import numpy as np
 
 from olmo_jax.config import ModelConfig, OlmoJaxError
 from train.eval.metrics import PRIMARY, choice_scores, evaluate
-from train.eval.requests import TASKS, build_requests, group_requests, load_csqa
+from olmo_jax import csqa
+from train.eval.requests import TASKS, build_requests, group_requests
 from train.eval.scoring import Item, score_items
 
 EVAL_SPLITS = ("validation", "heldout")
@@ -18,11 +19,7 @@ def eval_rows(split: str, limit: int | None = None) -> list[dict]:
     """validation = the test set; heldout = the train subset kept for model selection."""
     if split not in EVAL_SPLITS:
         raise OlmoJaxError(f"unknown eval split {split!r}; choose from {EVAL_SPLITS}")
-    if split == "validation":
-        rows = load_csqa("validation")
-    else:
-        from train.data import csqa_dataset
-        rows = [dict(r) for r in csqa_dataset("heldout")]
+    rows = csqa.load_split(split)
     return rows[:limit] if limit else rows
 
 

@@ -17,11 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
+from olmo_jax import csqa
 from olmo_jax.config import ModelConfig
 from olmo_jax.distributed import to_host
 from olmo_jax.sharding import batch_sharding
 from olmo_jax.model import gather_positions, head_weight, hidden_states
-from train.data import bos_prefix, tokenizer_pad_id
 from train.packing import DEFAULT_SEQ_BUCKETS, collate, pack_branches
 
 # Finer than training's buckets at the short end: a CSQA question packs into 29 tokens on average
@@ -62,17 +62,6 @@ def _score_batch(cfg: ModelConfig, params, batch):
     return lp * batch["tgt_weight"]
 
 
-def tokenize_items(items: Sequence[Item], tokenizer):
-    """Context and continuations tokenised separately (no special tokens; BOS once if the
-    tokenizer normally adds one), as in OLMES' per-request scoring."""
-    bos = bos_prefix(tokenizer)
-    contexts = sorted({it.context for it in items})
-    conts = sorted({c for it in items for c in it.continuations})
-    enc = lambda texts: dict(zip(texts, tokenizer(list(texts), add_special_tokens=False)["input_ids"])) if texts else {}
-    ctx_ids, cont_ids = enc(contexts), enc(conts)
-    return [(bos + list(ctx_ids[it.context]), [list(cont_ids[c]) for c in it.continuations]) for it in items]
-
-
 def score_items(cfg: ModelConfig, params, tokenizer, items: Sequence[Item], *, batch_size: int = 32,
                 progress: bool = False):
     """Returns (loglik [N, C], num_tokens [N, C]) float64/int arrays; C = max choices.
@@ -80,11 +69,11 @@ def score_items(cfg: ModelConfig, params, tokenizer, items: Sequence[Item], *, b
     Parameters on one device: batches go to that device. Parameters on a mesh (the pipeline, also
     multi-host): each batch is split over the mesh's data-parallel axes like a training batch
     (batch_size rounded up to their size), so every process must call this with the same items."""
-    toks = tokenize_items(items, tokenizer)
+    toks = csqa.tokenize_pairs(tokenizer, [(it.context, it.continuations) for it in items])
     c_max = max(len(it.continuations) for it in items)
     loglik = np.zeros((len(items), c_max))
     ntok = np.zeros((len(items), c_max), np.int64)
-    pad = tokenizer_pad_id(tokenizer)
+    pad = csqa.tokenizer_pad_id(tokenizer)
     mesh = _mesh_of(params)
     if mesh is not None:
         n = mesh.shape["data"] * mesh.shape["fsdp"]

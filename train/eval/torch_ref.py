@@ -5,18 +5,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from train.data import bos_prefix
+from olmo_jax import csqa
 
 
 def score_questions_torch(model, tokenizer, items) -> tuple[np.ndarray, np.ndarray]:
     """items: train.eval.scoring.Item list -> (loglik [N, C], num_tokens [N, C])."""
-    bos = bos_prefix(tokenizer)
     c_max = max(len(it.continuations) for it in items)
     loglik, ntok = np.zeros((len(items), c_max)), np.zeros((len(items), c_max), np.int64)
     model.eval()
-    for i, it in enumerate(items):
-        ctx = bos + tokenizer(it.context, add_special_tokens=False)["input_ids"]
-        conts = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in it.continuations]
+    toks = csqa.tokenize_pairs(tokenizer, [(it.context, it.continuations) for it in items])
+    for i, (ctx, conts) in enumerate(toks):
         seqs = [ctx + c for c in conts]
         t = max(map(len, seqs))
         ids = torch.zeros((len(seqs), t), dtype=torch.long)
