@@ -12,14 +12,11 @@ Variants (`:name`):
   gpu   OLMo2-1B shapes: 16 layers, d2048, 16 heads x 128, intermediate 8192, vocab 100352; bf16;
         batch 4x2048 (see `batch_size`).
 Override anything, e.g. `--config.torch_compile=False --config.steps=10 --config.loss_chunk=128`.
-See train/bench.py for what every number means.
+See train/bench/harness.py for what every number means.
 """
 from ml_collections import ConfigDict
 
 VARIANTS = ("cpu", "tiny", "gpu")
-
-# every timed section; `sections` selects a subset (order does not matter)
-SECTIONS = ("peak", "jax_ce", "jax_kl", "torch_eager", "torch_compile", "forward", "decode", "prune")
 
 
 def _model(**kw) -> ConfigDict:
@@ -43,7 +40,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.seed = 0
     c.steps = 5             # timed steps per measurement (after warm-up)
     c.warmup = 2            # untimed steps (the first JAX call compiles; it is reported as compile_s)
-    c.sections = tuple(SECTIONS)  # a tuple: `--config.sections="('jax_ce', 'torch_eager')"` works
+    # The timed sections (train/bench/harness.py SECTIONS); empty = all. A tuple, so that
+    # `--config.sections="('jax_ce', 'torch_eager')"` works on the command line.
+    c.sections = ()
     # JAX train step knobs (train.step): loss chunk along the target axis (0 = one chunk, no logits
     # recomputation in the backward pass), layer remat, and the learning rate (AdamW as in training).
     c.loss_chunk = 0
@@ -76,7 +75,6 @@ def get_config(arg: str | None = None) -> ConfigDict:
         c.batch_size, c.seq_len = 2, 32
         c.steps, c.warmup = 2, 1
         c.torch_compile = False
-        c.sections = tuple(s for s in SECTIONS if s != "torch_compile")
         c.decode_prompt_len, c.decode_new_tokens, c.decode_repeats = 8, 4, 1
         c.matmul_n = 256
     elif arg == "gpu":
@@ -87,6 +85,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
         c.steps, c.warmup = 5, 2
         c.loss_chunk = 512      # [B, 512, V] float32 logits per chunk instead of [B, T, V]
         c.torch_device = "cuda"
+        c.torch_compile = False  # opt-in (--config.torch_compile=True): its compile alone takes minutes
         c.decode_prompt_len, c.decode_new_tokens = 128, 64
         c.matmul_n = 8192
         c.datasheet_peak_flops = 989e12  # H200 SXM bf16 dense tensor-core peak

@@ -85,6 +85,25 @@ class ModelConfig:
         total = l * (attn + mlp + norms) + embed + d
         return {"total": total, "mlp": l * mlp, "attention": l * attn, "embedding": embed}
 
+    def matmul_params(self) -> int:
+        """N: the parameters that take part in a matmul per token (the layers' projections and the
+        LM head; not the embedding lookup, not the norms)."""
+        d, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        per_layer = d * q + 2 * d * kv + q * d + 3 * d * self.intermediate_size
+        return self.num_layers * per_layer + d * self.vocab_size
+
+    def flops_per_token(self, seq_len: int, kind: str = "train") -> float:
+        """The one FLOP formula (matmuls only, multiply-add = 2 FLOPs), per token of a length-`seq_len`
+        sequence with full T x T attention:
+          train    6 N + 12 L T H E   (forward + backward: the projections and the attention scores/values)
+          forward  2 N +  4 L T H E"""
+        attn = self.num_layers * seq_len * self.num_heads * self.head_dim
+        if kind == "train":
+            return 6.0 * self.matmul_params() + 12.0 * attn
+        if kind == "forward":
+            return 2.0 * self.matmul_params() + 4.0 * attn
+        raise ValueError(f"kind must be 'train' or 'forward', got {kind!r}")
+
     # ---- Hugging Face config.json <-> ModelConfig -------------------------------------------
     @classmethod
     def from_hf(cls, hf: dict[str, Any] | str | os.PathLike, **overrides) -> "ModelConfig":

@@ -40,6 +40,14 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def any_process(flag: bool) -> bool:
+    """True when `flag` is set on any process (a collective: every process must call it)."""
+    if not multi_process():
+        return flag
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
 def to_host(tree):
     """NumPy copies of a tree of arrays, including global arrays that span processes (gathered
     from all of them: a collective, so every process must call it, in the same order)."""

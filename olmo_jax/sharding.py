@@ -87,3 +87,13 @@ def check_batch_divisible(batch_size: int, mesh: Mesh) -> None:
     n = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch_size % n:
         raise OlmoJaxError(f"batch size {batch_size} is not divisible by data*fsdp = {n} of the mesh")
+
+
+def mesh_from_config(mesh_cfg) -> Mesh:
+    """The mesh of a config's `mesh` group (data, fsdp, tensor sizes; -1 = the remaining devices)."""
+    return make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
+
+
+def place_params(cfg: ModelConfig, params, mesh: Mesh):
+    """Parameters moved (or resharded) into their `param_shardings` layout on `mesh`."""
+    return jax.device_put(params, param_shardings(cfg, mesh))

@@ -9,3 +9,14 @@ import jax  # noqa: E402
 
 # Silent broadcasting bugs (e.g. [B,T] vs [T]) become errors in tests.
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`compile` tests run only when the -m expression names them (e.g. `-m compile`)."""
+    if "compile" in (config.option.markexpr or ""):
+        return
+    import pytest
+    skip = pytest.mark.skip(reason="torch.compile is slow: select it with -m compile")
+    for item in items:
+        if "compile" in item.keywords:
+            item.add_marker(skip)

@@ -1,21 +1,23 @@
-"""train/bench.py on the `tiny` variant (CPU, no torch.compile): JSON schema and same initial loss."""
+"""The bench harness on the `tiny` variant (CPU, no torch.compile): JSON schema and same initial loss."""
 import json
 import math
 
 import numpy as np
 import pytest
 
-from configs.bench import SECTIONS, get_config
-from olmo_jax.config import OlmoJaxError
-from train import bench
+from configs.bench import get_config
+from olmo_jax.config import ModelConfig, OlmoJaxError
+from train.bench import harness as bench
+from train.bench import jax_side
+from train.bench.measure import TIMING_KEYS
 
-TIMING = set(bench.TIMING_KEYS) | {"other_cpu_cores"}
+TIMING = set(TIMING_KEYS) | {"other_cpu_cores"}
 
 
 @pytest.fixture(scope="module")
 def result():
     c = get_config("tiny")
-    assert c.steps == 2 and not c.torch_compile and "torch_compile" not in c.sections
+    assert c.steps == 2 and not c.torch_compile and "torch_compile" not in bench.selected_sections(c)
     return bench.run_bench(c)
 
 
@@ -76,18 +78,18 @@ def test_same_initial_loss_in_both_frameworks(result):
 
 def test_flop_formula():
     c = get_config("cpu")
-    cfg = bench.model_config(c)
+    cfg = ModelConfig(**c.model.to_dict())
     n = 4 * (4 * 512 * 512 + 3 * 512 * 1536) + 512 * 32000
-    assert bench.matmul_params(cfg) == n
-    assert bench.flops_per_token(cfg, 256, "train") == 6 * n + 12 * 4 * 256 * 512
-    assert bench.flops_per_token(cfg, 256, "forward") == 2 * n + 4 * 4 * 256 * 512
+    assert cfg.matmul_params() == n
+    assert cfg.flops_per_token(256, "train") == 6 * n + 12 * 4 * 256 * 512
+    assert cfg.flops_per_token(256, "forward") == 2 * n + 4 * 4 * 256 * 512
     with pytest.raises(ValueError):
-        bench.flops_per_token(cfg, 256, "decode")
+        cfg.flops_per_token(256, "decode")
 
 
 def test_batch_targets_every_next_token():
     toks = np.arange(3, 3 + 2 * 8, dtype=np.int32).reshape(2, 8)
-    b = bench.jax_batch(toks)
+    b = jax_side.jax_batch(toks)
     assert b["tokens"].shape == (2, 8) and b["tgt_pos"].shape == (2, 7)  # no padding targets
     np.testing.assert_array_equal(b["tgt_weight"], 1)
     np.testing.assert_array_equal(b["tgt_tok"], toks[:, 1:])
@@ -96,7 +98,8 @@ def test_batch_targets_every_next_token():
 
 
 def test_variants_and_errors():
-    assert set(get_config("gpu").sections) == set(SECTIONS)
+    assert bench.selected_sections(get_config("gpu")) == [s for s in bench.SECTIONS if s != "torch_compile"]
+    assert bench.selected_sections(get_config("cpu")) == list(bench.SECTIONS)
     assert get_config().variant == "cpu"
     assert get_config("gpu").model.param_dtype == "bfloat16"
     with pytest.raises(ValueError):

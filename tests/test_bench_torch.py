@@ -1,12 +1,12 @@
-"""train/bench_torch.py on a tiny random Olmo2 (CPU, eager). torch.compile only with OLMO_JAX_TEST_COMPILE=1."""
+"""train/bench/torch_side.py on a tiny random Olmo2 (CPU, eager). torch.compile only with `-m compile`."""
 import math
-import os
 
 import numpy as np
 import pytest
 import torch
 
-from train import bench_torch as bt
+from train.bench import torch_side as bt
+from train.bench.jax_side import jax_matmul_peak_flops
 
 VOCAB = 256
 
@@ -111,11 +111,11 @@ def test_forward_and_decode():
 def test_matmul_peaks():
     f = bt.matmul_peak_flops("cpu", "float32", n=256, repeats=2)
     assert math.isfinite(f) and f > 1e6
-    g = bt.jax_matmul_peak_flops(256, "float32", 2)
+    g = jax_matmul_peak_flops(256, "float32", 2)
     assert math.isfinite(g) and g > 1e6
 
 
-@pytest.mark.skipif(os.environ.get("OLMO_JAX_TEST_COMPILE") != "1", reason="torch.compile is slow; set OLMO_JAX_TEST_COMPILE=1")
+@pytest.mark.compile
 def test_compiled_train_step():
     torch.manual_seed(0)
     m = bt.build_torch_model(tiny_cfg(), None, "float32", "cpu")

@@ -13,7 +13,7 @@ from olmo_jax import csqa
 from train.eval.requests import build_requests, group_requests
 from train.eval.run import evaluate_params
 from train.eval.scoring import Item, score_items
-from train.eval.torch_ref import score_questions_torch
+from train.bench.torch_ref import score_questions_torch
 
 N = 300
 

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+from olmo_jax.sharding import place_params
 from tests import multihost_worker as W
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -124,7 +125,7 @@ def test_cooperative_checkpoint_restores_in_another_topology(two_processes):
     mesh = make_mesh(1, -1, 1, devices=jax.devices()[:4])
     cfg = W.model_config()
     opt = step_lib.build_optimizer(W.OPT, W.STEPS)
-    state = step_lib.init_state(step_lib.place_params(cfg, W.initial_params(), mesh), opt, mesh)
+    state = step_lib.init_state(place_params(cfg, W.initial_params(), mesh), opt, mesh)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     mngr = checkpoint_manager(os.path.join(two_processes["work"], "checkpoints"), every=W.CKPT_EVERY, keep=10)
     try:

@@ -9,7 +9,8 @@ import pytest
 
 from configs.tiny import get_config
 from tests.hf_helpers import tiny_model_dir
-from train.pipeline import Stages, run_pipeline
+from train.stages import Stages
+from train.study import run_study
 
 
 @pytest.fixture(scope="module")
@@ -22,11 +23,11 @@ def finished(tmp_path_factory):
     config.pipeline.tune.steps = [2, 1]
     config.pipeline.tune.limit = 8
     workdir = str(base / "work")
-    import train.pipeline as P
+    import train.study as P
     calls, orig = [], P.evaluate_params
     P.evaluate_params = lambda *a, **k: calls.append((k["split"], k["limit"], _placement(a[1]))) or orig(*a, **k)
     try:
-        results = run_pipeline(config, workdir)
+        results = run_study(config, workdir)
     finally:
         P.evaluate_params = orig
     return config, workdir, results | {"eval_calls": calls}
@@ -91,7 +92,7 @@ def test_every_artefact_is_written(finished):
             assert os.path.isfile(os.path.join(stage, "train", "metrics.jsonl"))
     saved = json.load(open(os.path.join(workdir, "results.json")))
     assert set(saved["runs"]) == set(results["runs"])
-    from train.pipeline import collect  # the report can be rebuilt from the stages alone
+    from train.stages import collect  # the report can be rebuilt from the stages alone
     again = collect(workdir)
     assert again["runs"] == json.loads(json.dumps(results["runs"])) and again["dense"] == results["dense"]
 
@@ -112,13 +113,12 @@ def test_relaunch_recomputes_nothing(finished):
     before = {n: os.path.getmtime(os.path.join(workdir, n, "done.json")) for n in os.listdir(workdir)
               if os.path.isfile(os.path.join(workdir, n, "done.json"))}
     logged = []
-    import train.pipeline as P
-    orig = P.Stages.__init__
-    P.Stages.__init__ = lambda self, w, log=print: orig(self, w, log=logged.append)
+    orig = Stages.__init__
+    Stages.__init__ = lambda self, w, log=print: orig(self, w, log=logged.append)
     try:
-        again = run_pipeline(config, workdir)
+        again = run_study(config, workdir)
     finally:
-        P.Stages.__init__ = orig
+        Stages.__init__ = orig
     assert logged == []  # no stage ran
     after = {n: os.path.getmtime(os.path.join(workdir, n, "done.json")) for n in before}
     assert after == before
@@ -138,7 +138,7 @@ def test_relaunch_may_change_the_launch_but_not_the_study(finished):
     """A study may be resumed on another topology (jax: coordinator, process count and id), not
     with other settings (multi-process runs: tests/test_multihost_pipeline.py)."""
     from olmo_jax.config import OlmoJaxError
-    from train.pipeline import _check_workdir
+    from train.study import _check_workdir
     config, workdir, _ = finished
     other = config.copy_and_resolve_references()
     other.jax.coordinator_address, other.jax.num_processes, other.jax.process_id = "host0:1234", 4, 3
@@ -151,7 +151,7 @@ def test_relaunch_may_change_the_launch_but_not_the_study(finished):
 @pytest.mark.parametrize("args, line", [
     (["-m", "train.report", "--workdir=/nonexistent"],
      "error: --workdir='/nonexistent' is not a pipeline workdir (no pipeline_config.json)"),
-    (["-m", "train.eval.bench", "--limit=-1"], "error: --limit must be >= 0 (0 = all 1221 questions), got -1"),
+    (["-m", "train.bench.eval_speed", "--limit=-1"], "error: --limit must be >= 0 (0 = all 1221 questions), got -1"),
     (["-m", "train.pipeline", "--config=configs/tiny.py", "--workdir=gs://bucket/run"],
      "error: workdir gs://bucket/run is a URL; give a path every host sees (NFS, or the bucket mounted with "
      "gcsfuse): stage bookkeeping uses file renames"),

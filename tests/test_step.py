@@ -9,10 +9,10 @@ import pytest
 import prune
 from olmo_jax import model as M
 from olmo_jax.config import ModelConfig, OlmoJaxError
-from olmo_jax.sharding import check_batch_divisible, make_mesh
+from olmo_jax.sharding import check_batch_divisible, make_mesh, place_params
 from train.packing import collate, pack_branches, pack_sequence
 from train.step import (LossConfig, build_optimizer, init_state, jit_train_step, make_loss_fn,
-                        make_train_step, place_params, split_micro_batches)
+                        make_train_step, split_micro_batches)
 
 OPT = types.SimpleNamespace(lr=1e-2, warmup_steps=2, min_lr_ratio=0.1, weight_decay=0.01, b1=0.9, b2=0.95,
                             eps=1e-8, grad_clip=1.0)

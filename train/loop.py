@@ -21,7 +21,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
+from olmo_jax import distributed
+from olmo_jax.cli import Interrupted
 from olmo_jax.config import ModelConfig, OlmoJaxError
+from olmo_jax.sharding import place_params
 from train import step as step_lib
 from train.optim import make_schedule
 
@@ -30,7 +33,9 @@ log = logging.getLogger(__name__)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the run saved a checkpoint on SIGTERM; relaunch to continue
 
 
-class Preempted(Exception):
+class Preempted(Interrupted):
+    exit_code = EXIT_PREEMPTED
+
     def __init__(self, step: int):
         super().__init__(f"preempted: checkpoint saved at step {step}; relaunch the same command to continue")
         self.step = step
@@ -92,26 +97,15 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state) -> tuple[Any, in
 
 def _set_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
     """Renames unreadable step directories out of Orbax's view (process 0 renames, all wait)."""
-    if jax.process_index() == 0:
+    if distributed.is_primary():
         stamp = time.strftime("%Y%m%d-%H%M%S")
         for s in steps:
             src = os.path.join(str(mngr.directory), str(s))
             dst = f"{src}.unreadable-{stamp}"
             os.rename(src, dst)
             print(f"warning: moved the unreadable checkpoint of step {s} to {dst}", flush=True)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("olmo_jax:set_aside_unreadable_checkpoints")
+    distributed.barrier("olmo_jax:set_aside_unreadable_checkpoints")
     mngr.reload()
-
-
-def _any_process(flag: bool) -> bool:
-    """True when `flag` is set on any process (a SIGTERM may reach only some hosts; all of them
-    must save the same step together, since an Orbax save is collective)."""
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
-    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
 class MetricsLog:
@@ -120,7 +114,7 @@ class MetricsLog:
 
     def __init__(self, workdir: str, resume_step: int):
         self.path = os.path.join(workdir, "metrics.jsonl")
-        self.enabled = jax.process_index() == 0
+        self.enabled = distributed.is_primary()
         if not self.enabled:
             return
         self._truncate_after(resume_step)
@@ -176,7 +170,7 @@ def train(*, workdir: str, model_cfg: ModelConfig, params, mesh: Mesh, batcher, 
     os.makedirs(workdir, exist_ok=True)
     optimizer = step_lib.build_optimizer(opt_cfg, total_steps, neuron_mask)
     schedule = make_schedule(opt_cfg, total_steps)
-    state = step_lib.init_state(step_lib.place_params(model_cfg, params, mesh), optimizer, mesh)
+    state = step_lib.init_state(place_params(model_cfg, params, mesh), optimizer, mesh)
     mngr = checkpoint_manager(os.path.join(workdir, "checkpoints"), every=ckpt_every, keep=keep)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     restored = restore_latest(mngr, abstract)
@@ -184,7 +178,7 @@ def train(*, workdir: str, model_cfg: ModelConfig, params, mesh: Mesh, batcher, 
     if restored is not None:
         state, start = restored
         print(f"resumed from step {start}", flush=True)
-    teacher_params = None if teacher is None else step_lib.place_params(teacher[0], teacher[1], mesh)
+    teacher_params = None if teacher is None else place_params(teacher[0], teacher[1], mesh)
     fn = step_lib.make_train_step(model_cfg, optimizer, loss, teacher_cfg=None if teacher is None else teacher[0],
                                   remat=remat, lr_schedule=schedule)
     example = step_lib.split_micro_batches(batcher.batch_at(start), grad_accum)
@@ -214,7 +208,9 @@ def train(*, workdir: str, model_cfg: ModelConfig, params, mesh: Mesh, batcher, 
                     metrics |= eval_fn(state["params"], done)
                 if done % log_every == 0 or done == total_steps:
                     metrics_log.write(done, metrics)
-                stop = _any_process(sigterm.set)
+                # a SIGTERM may reach only some hosts; all must save the same step together,
+                # since an Orbax save is collective
+                stop = distributed.any_process(sigterm.set)
                 if mngr.should_save(done) or done == total_steps or stop:
                     mngr.save(done, args=ocp.args.StandardSave(state), force=True)
                     mngr.wait_until_finished()
@@ -233,7 +229,7 @@ def train(*, workdir: str, model_cfg: ModelConfig, params, mesh: Mesh, batcher, 
 
 
 def _progress(enabled: bool, start: int, total: int):
-    if not enabled or jax.process_index() != 0:
+    if not enabled or not distributed.is_primary():
         return None
     from tqdm.auto import tqdm
     return tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)

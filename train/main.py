@@ -6,25 +6,25 @@ Relaunching the same command resumes from the latest checkpoint in WORKDIR; SIGT
 checkpoint at the next step boundary and exits with code 75 (relaunch to continue).
 """
 from absl import app, flags
+from ml_collections import config_flags
 
-from olmo_jax.cli import user_errors
-from train import pipeline  # defines --config and --workdir
-from train.loop import EXIT_PREEMPTED, Preempted
+from olmo_jax import cli
+from train import study
+
+config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:variant]).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory; relaunch to resume.")
+flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     del argv
-    with user_errors():
-        try:
-            result = pipeline.single_run(flags.FLAGS.config, flags.FLAGS.workdir)
-        except Preempted as e:
-            print(str(e))
-            raise SystemExit(EXIT_PREEMPTED)
+    with cli.study_run(flags.FLAGS.workdir):
+        result = study.single_run(flags.FLAGS.config, flags.FLAGS.workdir)
         for name, run in result["runs"].items():
             if name.startswith("run-"):
-                print(f"{name}: {run['eval']['primary_metric']} = {run['eval'][run['eval']['primary_metric']]:.4f}")
+                pm = run["eval"]["primary_metric"]
+                cli.print_primary(f"{name}: {pm} = {run['eval'][pm]:.4f}")
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

@@ -5,7 +5,7 @@ import jax
 
 from olmo_jax.config import OlmoJaxError
 from olmo_jax.model import Transformer
-from olmo_jax.sharding import check_batch_divisible, make_mesh
+from olmo_jax.sharding import check_batch_divisible, mesh_from_config
 from train import data as data_lib
 from train.loop import train
 from train.step import LossConfig
@@ -13,10 +13,6 @@ from train.step import LossConfig
 # CSQA rows are short (CE ~25 tokens, five packed choices ~45): finer buckets at the short end than
 # the data module's defaults halve the padded work, for two or three extra compiles per run.
 TRAIN_SEQ_BUCKETS = (32, 48, 64, 96, 128, 256, 512)
-
-
-def mesh_from_config(mesh_cfg):
-    return make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
 
 
 def loss_config(config) -> LossConfig:
@@ -43,8 +39,9 @@ def make_train_batcher(config, tokenizer, *, train_examples: int | None = None):
 
 
 def recover(config, workdir: str, student: Transformer, teacher: Transformer | None, tokenizer, *,
-            mesh=None, neuron_mask=None, train_examples: int | None = None, eval_fn=None) -> Transformer:
-    """Trains `student` with config.train.loss; returns the recovered model (same config)."""
+            mesh=None, train_examples: int | None = None, eval_fn=None) -> Transformer:
+    """Trains `student` with config.train.loss; returns the recovered model (same config, source and,
+    in mask mode, neuron mask: its pruned neurons stay exactly zero)."""
     loss = loss_config(config)
     if loss.kind == "kl" and teacher is None:
         raise OlmoJaxError("train.loss=kl needs the unpruned teacher")
@@ -55,7 +52,8 @@ def recover(config, workdir: str, student: Transformer, teacher: Transformer | N
         workdir=workdir, model_cfg=student.config, params=student.param_dict(), mesh=mesh, batcher=batcher,
         total_steps=config.train.steps, opt_cfg=config.opt, loss=loss,
         teacher=None if loss.kind == "ce" else (teacher.config, teacher.param_dict()),
-        neuron_mask=neuron_mask, grad_accum=config.train.grad_accum, remat=config.train.remat,
+        neuron_mask=None if student.neuron_mask is None else student.neuron_mask.get_value(),
+        grad_accum=config.train.grad_accum, remat=config.train.remat,
         ckpt_every=config.train.ckpt_every, keep=config.train.keep, log_every=config.train.log_every,
         progress=config.train.progress, eval_fn=eval_fn, eval_every=config.train.eval_every)
     return student.with_params(params)

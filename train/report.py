@@ -163,23 +163,23 @@ def write_report(results: dict, workdir: str) -> None:
     fsutil.atomic_write_text(os.path.join(workdir, "results.md"), markdown(results))
 
 
-
 def main(argv):
     """python -m train.report --workdir=DIR: (re)write the report from a workdir's finished stages."""
     del argv
     from absl import flags
-    from train.pipeline import collect
+
     from olmo_jax.cli import user_errors
     from olmo_jax.config import OlmoJaxError
+    from train.stages import CONFIG_FILE, collect
     workdir = flags.FLAGS.workdir
     with user_errors():
-        if not workdir or not os.path.isfile(os.path.join(workdir, "pipeline_config.json")):
-            raise OlmoJaxError(f"--workdir={workdir!r} is not a pipeline workdir (no pipeline_config.json)")
+        if not workdir or not os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
+            raise OlmoJaxError(f"--workdir={workdir!r} is not a pipeline workdir (no {CONFIG_FILE})")
         write_report(collect(workdir), workdir)
     print(open(os.path.join(workdir, "results.md")).read())
 
 
 if __name__ == "__main__":
-    from absl import app
-    import train.pipeline  # noqa: F401  (defines --workdir)
+    from absl import app, flags
+    flags.DEFINE_string("workdir", None, "A pipeline workdir.")
     app.run(main)

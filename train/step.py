@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from olmo_jax.config import ModelConfig, OlmoJaxError
 from olmo_jax.model import gather_positions, head_weight, hidden_states
-from olmo_jax.sharding import BATCH, param_shardings
+from olmo_jax.sharding import BATCH, place_params
 from prune.masks import masked_updates
 from train import losses
 from train.optim import make_optimizer
@@ -140,8 +140,4 @@ def jit_train_step(step_fn, mesh: Mesh, state, teacher_params, example_batch):
     teacher_sh = None if teacher_params is None else jax.tree.map(lambda x: x.sharding, teacher_params)
     return jax.jit(step_fn, in_shardings=(state_sh, teacher_sh, batch_shardings(mesh, example_batch)),
                    out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=(0,))
-
-
-def place_params(cfg: ModelConfig, params, mesh: Mesh):
-    return jax.device_put(params, param_shardings(cfg, mesh))
 

@@ -20,15 +20,12 @@ train only:
 On a torch.compile failure the train bench returns {"error": "<one line>"} instead.
 
 The optimizer mirrors train/optim.py's defaults: AdamW(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0)
-with global-norm clipping at 1.0, no weight decay on parameters whose name contains "norm" or "embed".
+with global-norm clipping at 1.0, and the same no-decay rule (`train.optim.is_decayed_path`: norms, embedding).
 The learning rate is constant (the schedule's cost is negligible on both sides).
 """
 from __future__ import annotations
 
 import math
-import resource
-import statistics
-import sys
 import time
 from typing import Any
 
@@ -36,8 +33,11 @@ import numpy as np
 import torch
 import transformers
 
+from train.bench.measure import check_steps, max_rss_bytes, summary
+from train.optim import is_decayed_path
+
 __all__ = ["build_torch_model", "torch_train_step_bench", "torch_forward_bench", "torch_decode_latency",
-           "matmul_peak_flops", "jax_matmul_peak_flops", "TORCH_DTYPES"]
+           "matmul_peak_flops", "TORCH_DTYPES"]
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                 "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -50,9 +50,6 @@ _CONFIG_CLASSES = {
 # Keys a saved config.json may carry that are not constructor arguments (or must not be forwarded).
 _DROP_CONFIG_KEYS = ("model_type", "architectures", "transformers_version", "_name_or_path",
                      "torch_dtype", "dtype", "attn_implementation", "_attn_implementation")
-
-NO_DECAY_SUBSTRINGS = ("norm", "embed")
-
 
 def _torch_dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
@@ -125,11 +122,6 @@ def _sync(device: torch.device):
         torch.xpu.synchronize(device)
 
 
-def _max_rss_bytes() -> int:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(r if sys.platform == "darwin" else r * 1024)  # Linux reports KiB, macOS bytes
-
-
 class _PeakMem:
     def __init__(self, device: torch.device):
         self.device = device
@@ -141,21 +133,15 @@ class _PeakMem:
             self.kind = "cuda_max_memory_allocated"
         else:
             self.kind = "cpu_max_rss_delta"
-            self._rss0 = _max_rss_bytes()
+            self._rss0 = max_rss_bytes()
         return self
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             self.peak = int(torch.cuda.max_memory_allocated(self.device))
         else:
-            self.peak = max(0, _max_rss_bytes() - self._rss0)
+            self.peak = max(0, max_rss_bytes() - self._rss0)
         return False
-
-
-def _summary(times: list[float], tokens_per_step: int, mem: _PeakMem) -> dict[str, Any]:
-    med = statistics.median(times)
-    return {"step_times_s": list(times), "median_s": med, "min_s": min(times), "max_s": max(times),
-            "tokens_per_s": tokens_per_step / med, "peak_mem_bytes": mem.peak, "peak_mem_kind": mem.kind}
 
 
 def _tokens(batch_tokens, device) -> torch.Tensor:
@@ -186,15 +172,14 @@ def torch_train_step_bench(model, batch_tokens: np.ndarray, *, steps: int = 5, w
     compile_s and at least one warm-up step is always run so it never lands in step_times_s.
     `fused` is passed to torch.optim.AdamW (None: torch's default, foreach on CUDA).
     """
-    if steps < 1 or warmup < 0:
-        raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+    check_steps(steps, warmup)
     device = _model_device(model)
     ids = _tokens(batch_tokens, device)
     model.train()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if any(s in name for s in NO_DECAY_SUBSTRINGS) else decay).append(p)
+            (decay if is_decayed_path(tuple(name.split("."))) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     opt_kwargs = {} if fused is None else {"fused": fused}
     opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **opt_kwargs)
@@ -236,15 +221,14 @@ def torch_train_step_bench(model, batch_tokens: np.ndarray, *, steps: int = 5, w
         if compile:  # compilation happens lazily inside the first call
             return {"error": _one_line(e)}
         raise
-    out = _summary(times, ids.numel(), mem)
+    out = summary(times, ids.numel(), mem.peak, mem.kind)
     out.update(initial_loss=initial_loss, final_loss=float(last), compile_s=compile_s)
     return out
 
 
 def torch_forward_bench(model, batch_tokens: np.ndarray, *, steps: int = 5, warmup: int = 2) -> dict[str, Any]:
     """Time `steps` torch.no_grad forwards (full logits) after `warmup` untimed ones. Eval mode."""
-    if steps < 1 or warmup < 0:
-        raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+    check_steps(steps, warmup)
     device = _model_device(model)
     ids = _tokens(batch_tokens, device)
     was_training = model.training
@@ -263,7 +247,7 @@ def torch_forward_bench(model, batch_tokens: np.ndarray, *, steps: int = 5, warm
                     times.append(dt)
     finally:
         model.train(was_training)
-    return _summary(times, ids.numel(), mem)
+    return summary(times, ids.numel(), mem.peak, mem.kind)
 
 
 def torch_decode_latency(model, prompt_tokens: np.ndarray, new_tokens: int, *, repeats: int = 3) -> float:
@@ -325,23 +309,4 @@ def matmul_peak_flops(device: str = "cpu", dtype: str = "float32", n: int = 2048
             del c
             if i > 0:
                 best = min(best, dt)
-    return 2.0 * n ** 3 / best
-
-
-def jax_matmul_peak_flops(n: int = 2048, dtype: str = "float32", repeats: int = 5) -> float:
-    """Same as matmul_peak_flops for a jitted JAX matmul on JAX's default device (block_until_ready)."""
-    import jax
-    import jax.numpy as jnp
-
-    jd = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(dtype, dtype)
-    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
-    a = jax.random.normal(k1, (n, n), dtype=jnp.float32).astype(jd)
-    b = jax.random.normal(k2, (n, n), dtype=jnp.float32).astype(jd)
-    mm = jax.jit(jnp.matmul)
-    mm(a, b).block_until_ready()  # compile + warm-up
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        mm(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
     return 2.0 * n ** 3 / best

@@ -1,6 +1,6 @@
 """Eval wall time: our packed jitted scoring vs a plain transformers loop, same requests, one run.
 
-    python -m train.eval.bench [--limit=0] [--out=bench_eval.json]
+    python -m train.bench.eval_speed [--limit=0] [--out=bench_eval.json]
 Both score the conditional and unconditional rc_0shot requests of the same questions on the
 packaged SmolLM2-135M-Instruct (float32, CPU). Ours includes compilation (first call) and is also
 timed again warm; the PyTorch loop runs one forward per question (its five choices as a batch).
@@ -10,11 +10,6 @@ import os
 import time
 
 import numpy as np
-from absl import app, flags
-
-flags.DEFINE_integer("limit", 0, "First N validation questions (0 = all 1221).")
-flags.DEFINE_string("out", None, "Write the JSON result here.")
-FLAGS = flags.FLAGS
 
 
 def run(limit: int | None) -> dict:
@@ -26,7 +21,7 @@ def run(limit: int | None) -> dict:
     from olmo_jax import csqa
     from train.eval.requests import build_requests, group_requests
     from train.eval.scoring import Item, score_items
-    from train.eval.torch_ref import score_questions_torch
+    from train.bench.torch_ref import score_questions_torch
 
     path = smollm2_gguf_path()
     ours = olmo_jax.from_pretrained(path)
@@ -54,6 +49,8 @@ def run(limit: int | None) -> dict:
 
 def main(argv):
     del argv
+    from absl import flags
+    FLAGS = flags.FLAGS
     from olmo_jax.cli import user_errors
     from olmo_jax.config import OlmoJaxError
     with user_errors():
@@ -67,4 +64,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from absl import app, flags
+    flags.DEFINE_integer("limit", 0, "First N validation questions (0 = all 1221).")
+    flags.DEFINE_string("out", None, "Write the JSON result here.")
     app.run(main)

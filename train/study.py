@@ -1,0 +1,375 @@
+"""The study end to end: dense eval -> for each ratio: prune, recover with CE (L2PFT) and KL (L2PSD)
+from the same pruned start (same data order, steps, seed) -> eval -> results.json, results.md, plots.
+
+`run_study(config, workdir)` is the library entry point (`python -m train.pipeline` calls it).
+Every stage writes into WORKDIR/<stage>/ and marks itself done (train/stages.py); relaunching on the
+same workdir skips finished stages and resumes an interrupted training run from its last checkpoint.
+
+The study is a list of stage groups (`PLAN`), each a function of the `Study` context (config, mesh,
+tokenizer, dense model, stage store, results so far). Adding a stage is one function and one line
+in `PLAN`.
+
+Every model lives on the configured mesh (`config.mesh`), sharded as in training, from loading to
+export: pruning, evaluation and export never need a whole model on one device (13B/32B).
+Multi-host (config.jax.distributed): every process runs every stage on the global mesh;
+checkpoints are saved collectively, and process 0 alone writes bookkeeping, reports and the HF
+files, with a barrier after each stage (docs/RELIABILITY.md, "Multi-host").
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from typing import Any
+
+import numpy as np
+from jax.sharding import Mesh
+
+import olmo_jax
+import prune as prune_lib
+from olmo_jax import csqa, fsutil
+from olmo_jax.config import OlmoJaxError
+from olmo_jax.distributed import barrier, is_primary, maybe_initialize
+from olmo_jax.model import Transformer
+from olmo_jax.sharding import mesh_from_config, place_params
+from train.eval.run import evaluate_params
+from train.recover import make_train_batcher, recover
+from train.report import write_report
+from train.stages import CONFIG_FILE, Stages, paired_comparisons
+from train.step import LossConfig
+
+REQUIRED_GROUPS = ("model", "prune", "data", "train", "opt", "distill", "eval", "mesh", "pipeline", "jax")
+
+
+@dataclasses.dataclass
+class Study:
+    """What every stage of one study shares."""
+    config: Any                 # the ml_collections study config
+    mesh: Mesh
+    stages: Stages
+    dense_path: str             # the dense model's checkpoint (stage `dense`)
+    dense: Transformer          # the teacher, on the mesh
+    tokenizer: Any
+    results: dict[str, Any]     # what run_study returns, filled stage by stage
+    chosen: dict[str, dict] = dataclasses.field(default_factory=dict)  # method -> tuned {"lr", "steps"}
+
+    @property
+    def plan(self):
+        return self.config.pipeline
+
+
+# ---- checks before anything runs ----------------------------------------------------------------
+
+def validate_config(config) -> None:
+    """Cheap checks before any model is loaded (minutes on a 7B model)."""
+    missing = [g for g in REQUIRED_GROUPS if g not in config]
+    if missing:
+        raise OlmoJaxError(f"config lacks the groups {missing}: not a pipeline config (see configs/smollm2_csqa.py)")
+    prune_lib.kept_count(1000, config.prune.ratio)
+    for r in config.pipeline.ratios:
+        prune_lib.kept_count(1000, r)
+    if config.prune.criterion not in prune_lib.CRITERIA or any(c not in prune_lib.CRITERIA for c in config.pipeline.criteria):
+        raise OlmoJaxError(f"unknown pruning criterion in {config.prune.criterion!r} / {list(config.pipeline.criteria)}; "
+                           f"choose from {prune_lib.CRITERIA}")
+    for m in list(config.pipeline.methods) + [config.train.loss]:
+        LossConfig(kind=m)  # raises for an unknown loss
+    tune = config.pipeline.tune
+    if any(lr <= 0 for lr in tune.lrs) or any(n < 1 for n in tune.steps):
+        raise OlmoJaxError("pipeline.tune.lrs must be > 0 and pipeline.tune.steps >= 1")
+    if config.train.steps < 1:
+        raise OlmoJaxError(f"train.steps must be >= 1, got {config.train.steps}")
+
+
+def _check_workdir(config, workdir: str):
+    """A workdir belongs to one configuration: relaunching with a different one is refused (it
+    would mix results), except for presentation-only fields and the launch (`jax`: coordinator,
+    process id; a study may be resumed on another topology)."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    cfg = config.to_dict()
+    cfg["train"].pop("progress", None)
+    cfg.pop("jax", None)
+    if os.path.exists(path):
+        old = json.load(open(path))
+        old.pop("jax", None)  # written by earlier versions
+        if old != json.loads(json.dumps(cfg)):
+            raise OlmoJaxError(f"workdir {workdir} holds a run with a different config; use a new workdir")
+    elif is_primary():
+        fsutil.atomic_write_json(path, cfg)
+    barrier("olmo_jax:pipeline_config")
+
+
+# ---- shared steps of the stages ---------------------------------------------------------------
+
+def _load(path: str, config, mesh, neuron_mask=None) -> Transformer:
+    model = olmo_jax.from_pretrained(path, dtype=config.model.dtype, compute_dtype=config.model.compute_dtype,
+                                     mesh=mesh)
+    return model if neuron_mask is None else Transformer(model.config, model.param_dict(), source=model.source,
+                                                         neuron_mask=neuron_mask)
+
+
+def _save(model: Transformer, out: str, meta: dict | None = None):
+    """Our checkpoint at out/model (a stage directory is created before the stage runs)."""
+    olmo_jax.save_checkpoint(model, os.path.join(out, "model"), meta=meta, overwrite=True)
+
+
+def _eval(study: Study, model: Transformer, out: str, *, split="validation", limit=None) -> dict:
+    config = study.config
+    res = evaluate_params(model.config, model.param_dict(), study.tokenizer, config.eval.task, split=split,
+                          limit=(config.eval.limit or None) if limit is None else limit,
+                          batch_size=config.eval.batch_size, progress=config.train.progress)
+    if is_primary():
+        fsutil.atomic_write_json(os.path.join(out, "eval.json"), res)
+    return {k: v for k, v in res.items() if k != "predictions"}
+
+
+def _remove_checkpoints(out: str):
+    """Training checkpoints of a finished stage (its final model is kept): once every process has
+    closed its checkpoint manager, process 0 deletes them."""
+    barrier(f"olmo_jax:remove_checkpoints:{out}")
+    if is_primary():
+        shutil.rmtree(os.path.join(out, "train", "checkpoints"), ignore_errors=True)
+
+
+def _latest_checkpoint_step(directory: str) -> int | None:
+    """The newest training checkpoint directory (None: a fresh run), so that the report can say a
+    resumed run's train_wall_s covers only the last launch. (If that checkpoint is unreadable the
+    loop resumes from an earlier one; the flag is still right, the step may be too high.)"""
+    steps = [int(d) for d in os.listdir(directory) if d.isdigit()] if os.path.isdir(directory) else []
+    return max(steps, default=None)
+
+
+def _run_config(study: Study, method: str, steps=None, lr=None):
+    """The study config for one training run of `method`: the tuned (lr, steps) unless given."""
+    cfg = study.config.copy_and_resolve_references()
+    cfg.train.loss = method
+    hp = study.chosen.get(method, {})
+    cfg.opt.lr = lr if lr is not None else hp.get("lr", cfg.opt.lr)
+    cfg.train.steps = steps if steps is not None else hp.get("steps", cfg.train.steps)
+    return cfg
+
+
+def _train_cost(cfg, batcher, student_cfg, teacher_cfg) -> tuple[int, float]:
+    """(input tokens, training FLOPs) of a run: the student's train step on every token, plus the
+    teacher's forward for KL (`ModelConfig.flops_per_token`, at the mean row length)."""
+    tokens = int(sum(batcher.tokens_in_batch(s) for s in range(cfg.train.steps)))
+    seq_len = int(round(float(np.mean(batcher.seq_lens))))
+    flops = student_cfg.flops_per_token(seq_len, "train") * tokens
+    if cfg.train.loss == "kl":
+        flops += teacher_cfg.flops_per_token(seq_len, "forward") * tokens
+    return tokens, flops
+
+
+# ---- the stages -------------------------------------------------------------------------------
+
+def dense_stage(config, mesh, out: str) -> dict:
+    model = _load(config.model.src, config, mesh)
+    _save(model, out, meta={"source": model.source})
+    return {"source": model.source, "params": model.config.num_params()}
+
+
+def prune_stage(study: Study, criterion: str, ratio: float) -> tuple[str, dict]:
+    name = f"prune-{criterion}-{ratio}"
+    config = study.config
+
+    def fn(out):
+        batches = None
+        if criterion == "activation":
+            batches = csqa_calibration(study)
+        pruned = prune_lib.prune(study.dense, ratio, criterion, mode=config.prune.mode,
+                                 multiple_of=config.prune.multiple_of, batches=batches)
+        pruned = pruned.with_params(place_params(pruned.config, pruned.param_dict(), study.mesh))
+        rep = prune_lib.report(study.dense.config, pruned.kept_neurons(), criterion=criterion, ratio=ratio,
+                               mode=config.prune.mode)
+        _save(pruned, out, meta={"prune": rep})
+        if pruned.neuron_mask is not None and is_primary():
+            np.save(os.path.join(out, "neuron_mask.npy"), pruned.neuron_mask.get_value())
+        return {"report": rep, "eval": _eval(study, pruned, out)}
+
+    return name, study.stages.run(name, fn)
+
+
+def csqa_calibration(study: Study):
+    from train.data import calibration_batches
+    return calibration_batches(study.tokenizer, study.config.prune.calib_examples)
+
+
+def load_pruned(study: Study, name: str) -> Transformer:
+    """The pruned model of stage `name`, on the mesh (with its neuron mask in mask mode)."""
+    mask_path = os.path.join(study.stages.path(name), "neuron_mask.npy")
+    mask = np.load(mask_path) if os.path.exists(mask_path) else None
+    return _load(os.path.join(study.stages.path(name), "model"), study.config, study.mesh, neuron_mask=mask)
+
+
+def tune_stage(study: Study, criterion: str, ratio: float, method: str, lr: float) -> dict:
+    """Trains max(tune.steps) steps at `lr`; heldout accuracy at every candidate step count."""
+    pname, _ = prune_stage(study, criterion, ratio)
+    p = study.plan
+    candidates = sorted(set(p.tune.steps or [study.config.train.steps]))
+
+    def fn(out):
+        student = load_pruned(study, pname)
+        cfg = _run_config(study, method, steps=candidates[-1], lr=lr)
+        curve = {}
+
+        def heldout(params, step):
+            if step not in candidates:
+                return {}
+            res = evaluate_params(student.config, params, study.tokenizer, study.config.eval.task, split="heldout",
+                                  limit=p.tune.limit or None, batch_size=study.config.eval.batch_size)
+            curve[str(step)] = res["acc_per_char"] if "acc_per_char" in res else res["acc_raw"]
+            return {"heldout_acc": curve[str(step)]}
+
+        cfg.train.eval_every = 1
+        recover(cfg, os.path.join(out, "train"), student, study.dense, study.tokenizer, mesh=study.mesh,
+                eval_fn=heldout)
+        _remove_checkpoints(out)
+        return {"method": method, "lr": lr, "heldout_acc": curve, "heldout_n": p.tune.limit or "all"}
+
+    return study.stages.run(f"tune-{criterion}-{ratio}-{method}-lr{lr:g}", fn)
+
+
+def tuning(study: Study, criterion: str, ratio: float) -> dict:
+    """Per method, the (lr, steps) with the best heldout accuracy (ties: fewer steps, lower lr).
+    Only the train split is used: validation stays the test set."""
+    grid, chosen = {}, {}
+    for method in study.plan.methods:
+        runs = [tune_stage(study, criterion, ratio, method, lr) for lr in sorted(study.plan.tune.lrs)]
+        points = [(acc, -int(step), -r["lr"]) for r in runs for step, acc in r["heldout_acc"].items()]
+        acc, neg_steps, neg_lr = max(points)
+        chosen[method] = {"lr": -neg_lr, "steps": -neg_steps, "heldout_acc": acc}
+        study.chosen[method] = chosen[method]
+        grid[method] = {f"lr{r['lr']:g}": r["heldout_acc"] for r in runs}
+    return {"chosen": chosen, "grid": grid, "criterion": criterion, "ratio": ratio}
+
+
+def train_stage(study: Study, criterion: str, ratio: float, method: str, *, train_examples=None, steps=None,
+                tag: str = "") -> dict:
+    """One recovery run from the pruned model of (criterion, ratio), evaluated; its result row."""
+    pname, _ = prune_stage(study, criterion, ratio)
+    name = f"run-{criterion}-{ratio}-{method}{tag}"
+
+    def fn(out):
+        cfg = _run_config(study, method, steps=steps)
+        resumed_from = _latest_checkpoint_step(os.path.join(out, "train", "checkpoints"))
+        t0 = time.perf_counter()
+        model = recover(cfg, os.path.join(out, "train"), load_pruned(study, pname), study.dense, study.tokenizer,
+                        mesh=study.mesh, train_examples=train_examples)
+        wall = time.perf_counter() - t0
+        _save(model, out, meta={"method": method, "ratio": ratio, "criterion": criterion})
+        if study.plan.export_hf:
+            olmo_jax.api.save_params_pretrained(model.config, model.param_dict(), os.path.join(out, "hf"),
+                                                tokenizer_src=study.dense_path, overwrite=True)
+        batcher = make_train_batcher(cfg, study.tokenizer, train_examples=train_examples)
+        tokens, flops = _train_cost(cfg, batcher, model.config, study.dense.config)
+        _remove_checkpoints(out)
+        return {"method": method, "ratio": ratio, "criterion": criterion, "steps": cfg.train.steps,
+                "lr": cfg.opt.lr, "train_examples": train_examples or cfg.data.train_examples,
+                "train_wall_s": wall, "resumed_from_step": resumed_from, "input_tokens": tokens,
+                "train_flops": flops, "eval": _eval(study, model, out)}
+
+    study.results["runs"][name] = study.stages.run(name, fn)
+    return study.results["runs"][name]
+
+
+# ---- the plan: stage groups in order ----------------------------------------------------------
+
+def eval_dense_stages(study: Study) -> None:
+    if study.plan.eval_dense:
+        study.results["dense"] = study.stages.run("eval-dense", lambda out: _eval(study, study.dense, out))
+
+
+def tuning_stages(study: Study) -> None:
+    if study.plan.tune.lrs:
+        crit, focus = study.config.prune.criterion, study.plan.data_size_ratio
+        study.results["tuning"] = study.stages.run("tuning", lambda out: tuning(study, crit, focus))
+        study.chosen.update(study.results["tuning"]["chosen"])  # a relaunch reads the choice from the stage
+
+
+def ratio_stages(study: Study) -> None:
+    """Every ratio with the main criterion: the pruned model and each method's recovery."""
+    crit = study.config.prune.criterion
+    for ratio in study.plan.ratios:
+        pname, pres = prune_stage(study, crit, ratio)
+        study.results["runs"][pname] = pres
+        for method in study.plan.methods:
+            train_stage(study, crit, ratio, method)
+
+
+def criteria_stages(study: Study) -> None:
+    """The other criteria, at data_size_ratio only."""
+    focus = study.plan.data_size_ratio
+    for extra in [c for c in study.plan.criteria if c != study.config.prune.criterion]:
+        pname, pres = prune_stage(study, extra, focus)
+        study.results["runs"][pname] = pres
+        for method in study.plan.methods:
+            train_stage(study, extra, focus, method)
+
+
+def data_size_stages(study: Study) -> None:
+    """With data_size_epochs the budget grows with the data (epochs over n questions); without,
+    every size gets the same steps (then sizes above steps x batch see the same questions)."""
+    p, crit = study.plan, study.config.prune.criterion
+    for n in p.data_sizes:
+        steps = math.ceil(p.data_size_epochs * n / study.config.data.batch_size) if p.data_size_epochs else None
+        for method in p.methods:
+            train_stage(study, crit, p.data_size_ratio, method, train_examples=n, steps=steps, tag=f"-n{n}")
+
+
+def equal_compute_stages(study: Study) -> None:
+    """A CE run with as many training FLOPs as the KL run at data_size_ratio."""
+    p, crit, focus = study.plan, study.config.prune.criterion, study.plan.data_size_ratio
+    if p.equal_compute and {"ce", "kl"} <= set(p.methods) and focus in p.ratios:
+        runs = study.results["runs"]
+        ce, kl = runs[f"run-{crit}-{focus}-ce"], runs[f"run-{crit}-{focus}-kl"]
+        steps = int(round(ce["steps"] * kl["train_flops"] / ce["train_flops"]))
+        train_stage(study, crit, focus, "ce", steps=steps, tag="-eqflops")
+
+
+PLAN = (eval_dense_stages, tuning_stages, ratio_stages, criteria_stages, data_size_stages, equal_compute_stages)
+
+
+# ---- the study ----------------------------------------------------------------------------------
+
+def open_study(config, workdir: str) -> Study:
+    """Checks, multi-host start-up, the workdir, the dense model (stage `dense`) on the mesh."""
+    validate_config(config)
+    if "://" in workdir:  # os.makedirs would create a local directory named "gs:"
+        raise OlmoJaxError(f"workdir {workdir} is a URL; give a path every host sees (NFS, or the bucket "
+                           f"mounted with gcsfuse): stage bookkeeping uses file renames")
+    maybe_initialize(config.jax)
+    os.makedirs(workdir, exist_ok=True)
+    _check_workdir(config, workdir)
+    stages = Stages(workdir)
+    mesh = mesh_from_config(config.mesh)
+    stages.run("dense", lambda out: dense_stage(config, mesh, out))
+    dense_path = os.path.join(stages.path("dense"), "model")
+    return Study(config=config, mesh=mesh, stages=stages, dense_path=dense_path,
+                 dense=_load(dense_path, config, mesh), tokenizer=olmo_jax.load_tokenizer(dense_path),
+                 results={"config": config.to_dict(), "runs": {}})
+
+
+def run_study(config, workdir: str) -> dict:
+    study = open_study(config, workdir)
+    for stage_group in PLAN:
+        stage_group(study)
+    results = study.results
+    results["comparisons"] = paired_comparisons(study.stages, results["runs"])
+    if is_primary():
+        write_report(results, workdir)
+    barrier("olmo_jax:report")
+    return results
+
+
+def single_run(config, workdir: str) -> dict:
+    """train.main: one recovery run of the configured loss at prune.ratio (dense eval skipped)."""
+    validate_config(config)
+    cfg = config.copy_and_resolve_references()
+    cfg.pipeline.ratios = [config.prune.ratio]
+    cfg.pipeline.methods = [config.train.loss]
+    cfg.pipeline.criteria = [config.prune.criterion]
+    cfg.pipeline.data_sizes = []
+    cfg.pipeline.eval_dense = False
+    return run_study(cfg, workdir)
