@@ -14,6 +14,9 @@ from typing import Any
 import jax.numpy as jnp
 
 SUPPORTED_ARCHS = ("olmo2", "llama")
+ROPE_TYPES = ("default", "llama3")
+# The parameters of Llama 3.1/3.2's RoPE frequency scaling, by their Hugging Face names.
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -35,6 +38,13 @@ class ModelConfig:
     rms_norm_eps: float
     tie_word_embeddings: bool
     max_position_embeddings: int = 4096
+    # RoPE frequency scaling: "default" (none) or "llama3", whose four parameters are set only then
+    # (plain fields, so the config stays hashable and round-trips through dataclasses.asdict).
+    rope_type: str = "default"
+    rope_factor: float | None = None
+    rope_low_freq_factor: float | None = None
+    rope_high_freq_factor: float | None = None
+    rope_original_max_position_embeddings: int | None = None
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -53,6 +63,23 @@ class ModelConfig:
             raise OlmoJaxError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.intermediate_size < 1:
             raise OlmoJaxError(f"intermediate_size must be >= 1, got {self.intermediate_size}")
+        self._check_rope()
+
+    def _check_rope(self):
+        if self.rope_type not in ROPE_TYPES:
+            raise OlmoJaxError(f"unsupported RoPE type {self.rope_type!r}; supported: {ROPE_TYPES}")
+        values = self.llama3_rope_parameters()
+        if self.rope_type == "default":
+            if any(v is not None for v in values.values()):
+                raise OlmoJaxError(f"rope_type 'default' takes no scaling parameters, got {values}")
+            return
+        missing = [k for k, v in values.items() if v is None]
+        if missing:
+            raise OlmoJaxError(f"rope_type 'llama3' needs {', '.join(missing)}")
+        if not (values["factor"] > 0 and 0 < values["low_freq_factor"] < values["high_freq_factor"]
+                and values["original_max_position_embeddings"] > 0):
+            raise OlmoJaxError(f"llama3 RoPE needs factor > 0, 0 < low_freq_factor < high_freq_factor and "
+                               f"original_max_position_embeddings > 0, got {values}")
 
     # Architecture switches derived from the family, so they can never disagree with it.
     @property
@@ -70,6 +97,10 @@ class ModelConfig:
     @property
     def jnp_compute_dtype(self):
         return DTYPES[self.compute_dtype]
+
+    def llama3_rope_parameters(self) -> dict[str, float | int | None]:
+        """The llama3 RoPE scaling parameters under their Hugging Face names (None when unset)."""
+        return {k: getattr(self, "rope_" + k) for k in LLAMA3_ROPE_KEYS}
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -136,7 +167,7 @@ class ModelConfig:
             num_heads=heads,
             num_kv_heads=hf.get("num_key_value_heads") or heads,
             head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            rope_theta=float(_rope_theta(hf)),
+            **_rope_fields(hf),
             rms_norm_eps=float(hf["rms_norm_eps"]),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
@@ -160,8 +191,7 @@ class ModelConfig:
             "num_attention_heads": self.num_heads,
             "num_key_value_heads": self.num_kv_heads,
             "head_dim": self.head_dim,
-            "rope_theta": self.rope_theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            **self._rope_hf(),
             "rms_norm_eps": self.rms_norm_eps,
             "tie_word_embeddings": self.tie_word_embeddings,
             "max_position_embeddings": self.max_position_embeddings,
@@ -174,16 +204,34 @@ class ModelConfig:
             "torch_dtype": self.param_dtype,
         }
 
+    def _rope_hf(self) -> dict[str, Any]:
+        # transformers 5 reads `rope_parameters`; older versions `rope_theta` + `rope_scaling`.
+        scaling = {} if self.rope_type == "default" else self.llama3_rope_parameters()
+        out = {"rope_theta": self.rope_theta,
+               "rope_parameters": {"rope_type": self.rope_type, "rope_theta": self.rope_theta, **scaling}}
+        if scaling:
+            out["rope_scaling"] = {"rope_type": self.rope_type, **scaling}
+        return out
 
-def _rope_theta(hf: dict) -> float:
+
+def _rope_fields(hf: dict) -> dict[str, Any]:
     # transformers 5 stores RoPE settings under `rope_parameters`; older files use `rope_theta`
-    # (+ `rope_scaling`). Accept both; refuse scaled RoPE variants rather than silently ignoring them.
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
-        raise OlmoJaxError(f"unsupported RoPE type {rope_type!r} (only default RoPE)")
-    theta = params.get("rope_theta", hf.get("rope_theta"))
+    # (+ `rope_scaling`). Accept both; refuse RoPE variants we do not implement rather than
+    # silently ignoring their scaling.
+    settings = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    rope_type = settings.get("rope_type") or settings.get("type") or "default"
+    if rope_type not in ROPE_TYPES:
+        raise OlmoJaxError(f"unsupported RoPE type {rope_type!r}; supported: {ROPE_TYPES}")
+    theta = settings.get("rope_theta", hf.get("rope_theta"))
     if theta is None:
         raise OlmoJaxError("config has neither rope_theta nor rope_parameters.rope_theta")
-    return theta
+    fields = {"rope_theta": float(theta), "rope_type": rope_type}
+    if rope_type == "llama3":
+        missing = [k for k in LLAMA3_ROPE_KEYS if settings.get(k) is None]
+        if missing:
+            raise OlmoJaxError(f"llama3 RoPE scaling lacks {', '.join(missing)}")
+        fields |= {"rope_factor": float(settings["factor"]),
+                   "rope_low_freq_factor": float(settings["low_freq_factor"]),
+                   "rope_high_freq_factor": float(settings["high_freq_factor"]),
+                   "rope_original_max_position_embeddings": int(settings["original_max_position_embeddings"])}
+    return fields

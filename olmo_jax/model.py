@@ -9,7 +9,11 @@ compile time does not grow with depth, and layer-wise pruning is one vectorised 
 
 Shape letters: B batch, T sequence (tokens), S gathered target positions, L layers, D hidden,
 H query heads, K key/value heads, G = H // K query heads per kv head, E head dim,
-I MLP intermediate (neurons), V vocabulary.
+I MLP intermediate (neurons), V vocabulary, M KV-cache slots (max_len; olmo_jax/generate.py).
+
+One `block` / `attention` serves both the full forward (`hidden_states`) and cached decoding
+(`hidden_states_and_kv`): attention returns its tokens' keys/values for a cache and optionally
+also attends over earlier tokens' cached ones.
 
 Parameter pytree (pure dict):
   embed          [V, D]
@@ -23,6 +27,7 @@ Parameter pytree (pure dict):
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -49,9 +54,30 @@ def rms_norm(x, weight, eps: float, *, weight_in_fp32: bool):
     return weight.astype(dtype) * x32.astype(dtype)
 
 
-def rope_tables(positions_BxT, head_dim: int, theta: float):
+def rope_inv_freq(cfg: ModelConfig):
+    """RoPE inverse frequencies [E/2] in float32, with the config's frequency scaling applied."""
+    e = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
+    if cfg.rope_type == "llama3":
+        inv_freq = _llama3_scaled(inv_freq, **cfg.llama3_rope_parameters())
+    return inv_freq
+
+
+def _llama3_scaled(inv_freq, *, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings):
+    """Llama 3.1's long-context RoPE (as transformers computes it): wavelengths shorter than
+    original/high_freq_factor are kept, longer than original/low_freq_factor are stretched by
+    `factor`, and the band between is interpolated linearly in original/wavelength."""
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    short = wavelen < original_max_position_embeddings / high_freq_factor
+    long = wavelen > original_max_position_embeddings / low_freq_factor
+    return jnp.where(short, inv_freq, jnp.where(long, inv_freq / factor, smoothed))
+
+
+def rope_tables(cfg: ModelConfig, positions_BxT):
     """cos/sin [B, T, E] for non-interleaved (rotate-half) RoPE, computed in float32."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    inv_freq = rope_inv_freq(cfg)
     freqs = positions_BxT.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
@@ -82,7 +108,14 @@ def _mm(x, w):
     return y.reshape(*lead, w.shape[-1])
 
 
-def attention(cfg: ModelConfig, p: Params, x_BxTxD, cos_BxTxE, sin_BxTxE, mask_BxTxT):
+def attention(cfg: ModelConfig, p: Params, x_BxTxD, cos_BxTxE, sin_BxTxE, mask_BxTxT, past=None):
+    """Self-attention of the T tokens of x over themselves (as mask_BxTxT allows) and, when
+    decoding, over earlier tokens' cached keys/values.
+
+    past: None, or (k_past_BxMxKxE, v_past_BxMxKxE, past_mask_BxTxM).
+    Returns (output [B, T, D], (k_BxTxKxE, v_BxTxKxE)): the T tokens' keys (QK-normed, RoPE'd)
+    and values, in the compute dtype, for the caller to cache.
+    """
     b, t, _ = x_BxTxD.shape
     h, k, e = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     q_BxTxHE, k_BxTxKE, v_BxTxKE = (_mm(x_BxTxD, p[n]) for n in ("q_proj", "k_proj", "v_proj"))
@@ -93,12 +126,28 @@ def attention(cfg: ModelConfig, p: Params, x_BxTxD, cos_BxTxE, sin_BxTxE, mask_B
     k_BxTxKxE = apply_rope(k_BxTxKE.reshape(b, t, k, e), cos_BxTxE, sin_BxTxE)
     v_BxTxKxE = v_BxTxKE.reshape(b, t, k, e)
     q_BxTxKxGxE = q_BxTxHxE.reshape(b, t, k, h // k, e)
-    scores_BxKxGxTxT = jnp.einsum("btkge,bske->bkgts", q_BxTxKxGxE, k_BxTxKxE,
-                                  preferred_element_type=jnp.float32) * (e ** -0.5)
-    scores_BxKxGxTxT = jnp.where(mask_BxTxT[:, None, None], scores_BxKxGxTxT, _MASK_VALUE)
-    probs_BxKxGxTxT = jax.nn.softmax(scores_BxKxGxTxT, axis=-1).astype(v_BxTxKxE.dtype)
-    out_BxTxHE = jnp.einsum("bkgts,bske->btkge", probs_BxKxGxTxT, v_BxTxKxE).reshape(b, t, h * e)
-    return _mm(out_BxTxHE, p["o_proj"])
+    scores_BxKxGxTxT = _masked_scores(q_BxTxKxGxE, k_BxTxKxE, mask_BxTxT)
+    if past is None:
+        probs_BxKxGxTxT = jax.nn.softmax(scores_BxKxGxTxT, axis=-1).astype(v_BxTxKxE.dtype)
+        out_BxTxKxGxE = jnp.einsum("bkgts,bske->btkge", probs_BxKxGxTxT, v_BxTxKxE)
+    else:
+        # One softmax over [cached slots, own tokens]: the cache is read in place, never copied.
+        k_past_BxMxKxE, v_past_BxMxKxE, past_mask_BxTxM = past
+        m = k_past_BxMxKxE.shape[1]
+        scores_BxKxGxTxM = _masked_scores(q_BxTxKxGxE, k_past_BxMxKxE, past_mask_BxTxM)
+        probs = jax.nn.softmax(jnp.concatenate([scores_BxKxGxTxM, scores_BxKxGxTxT], axis=-1), axis=-1)
+        probs = probs.astype(v_BxTxKxE.dtype)
+        out_BxTxKxGxE = (jnp.einsum("bkgts,bske->btkge", probs[..., :m], v_past_BxMxKxE)
+                         + jnp.einsum("bkgts,bske->btkge", probs[..., m:], v_BxTxKxE))
+    out_BxTxHE = out_BxTxKxGxE.reshape(b, t, h * e)
+    return _mm(out_BxTxHE, p["o_proj"]), (k_BxTxKxE, v_BxTxKxE)
+
+
+def _masked_scores(q_BxTxKxGxE, k_BxSxKxE, mask_BxTxS):
+    """Scaled dot-product scores [B, K, G, T, S] in float32 (S keys: own tokens or cache slots)."""
+    scores_BxKxGxTxS = jnp.einsum("btkge,bske->bkgts", q_BxTxKxGxE, k_BxSxKxE,
+                                  preferred_element_type=jnp.float32) * (q_BxTxKxGxE.shape[-1] ** -0.5)
+    return jnp.where(mask_BxTxS[:, None, None], scores_BxKxGxTxS, _MASK_VALUE)
 
 
 def mlp(p: Params, x_BxTxD):
@@ -108,18 +157,24 @@ def mlp(p: Params, x_BxTxD):
     return _mm(act_BxTxI, p["down_proj"]), act_BxTxI
 
 
-def block(cfg: ModelConfig, layer: Params, x, cos, sin, mask):
-    """One decoder layer -> (output, MLP activations); `layer` is one slice of the stacked weights."""
+def block(cfg: ModelConfig, layer: Params, x, cos, sin, mask, past=None):
+    """One decoder layer -> (output, MLP activations, the tokens' (keys, values));
+    `layer` is one slice of the stacked weights, `past` as in `attention`."""
     def norm(y, w):
         return rms_norm(y, w, cfg.rms_norm_eps, weight_in_fp32=cfg.post_norm)
 
+    def attn(y):
+        return attention(cfg, layer["attn"], y, cos, sin, mask, past)
+
     if cfg.post_norm:  # OLMo2: h = x + norm(attn(x)); out = h + norm(mlp(h))
-        h = x + norm(attention(cfg, layer["attn"], x, cos, sin, mask), layer["attn_norm"])
+        a, kv = attn(x)
+        h = x + norm(a, layer["attn_norm"])
         y, act = mlp(layer["mlp"], h)
-        return h + norm(y, layer["mlp_norm"]), act
-    h = x + attention(cfg, layer["attn"], norm(x, layer["attn_norm"]), cos, sin, mask)
+        return h + norm(y, layer["mlp_norm"]), act, kv
+    a, kv = attn(norm(x, layer["attn_norm"]))
+    h = x + a
     y, act = mlp(layer["mlp"], norm(h, layer["mlp_norm"]))
-    return h + y, act
+    return h + y, act, kv
 
 
 def default_positions(segment_ids_BxT):
@@ -140,23 +195,53 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens_BxT, positions_BxT=No
         segment_ids_BxT = jnp.ones(tokens_BxT.shape, jnp.int32)
     if positions_BxT is None:
         positions_BxT = default_positions(segment_ids_BxT)
-    cdt = cfg.jnp_compute_dtype
-    x = jnp.take(params["embed"], tokens_BxT, axis=0).astype(cdt)
-    cos, sin = rope_tables(positions_BxT, cfg.head_dim, cfg.rope_theta)
+    x = _embed(cfg, params, tokens_BxT)
+    cos, sin = rope_tables(cfg, positions_BxT)
     mask = attention_mask(segment_ids_BxT)
 
     def body(x, layer):
-        y, act = block(cfg, layer, x, cos, sin, mask)
+        y, act, _ = block(cfg, layer, x, cos, sin, mask)
         extra = (y if return_layers else None, None if mlp_stat is None else mlp_stat(act, segment_ids_BxT))
         return y, extra
 
     if remat:  # recompute each layer's activations in the backward pass; keep only layer inputs
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
     x, (per_layer, stats) = jax.lax.scan(body, x, params["layers"])
-    x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps, weight_in_fp32=cfg.post_norm)
+    x = _final_norm(cfg, params, x)
     if mlp_stat is not None:
         return x, stats
     return (x, per_layer) if return_layers else x
+
+
+def hidden_states_and_kv(cfg: ModelConfig, params: Params, tokens_BxT, positions_BxT, mask_BxTxT, past=None):
+    """Final-normed hidden states [B, T, D] of T tokens, plus every layer's keys and values for
+    them, [L, B, T, K, E] each (the compute dtype): what a KV cache stores.
+
+    mask_BxTxT: what each token sees among the T. past: None, or (k_cache_LxBxMxKxE,
+    v_cache_LxBxMxKxE, past_mask_BxTxM): earlier tokens' keys/values the T tokens also attend to.
+    The layers run under lax.scan like `hidden_states`, each taking its slice of the cache.
+    """
+    x = _embed(cfg, params, tokens_BxT)
+    cos, sin = rope_tables(cfg, positions_BxT)
+    past_mask_BxTxM = None if past is None else past[2]
+
+    def body(x, layer_and_cache):
+        layer, cache = layer_and_cache
+        layer_past = None if cache is None else (*cache, past_mask_BxTxM)
+        y, _, kv = block(cfg, layer, x, cos, sin, mask_BxTxT, layer_past)
+        return y, kv
+
+    cache = None if past is None else past[:2]
+    x, (k_LxBxTxKxE, v_LxBxTxKxE) = jax.lax.scan(body, x, (params["layers"], cache))
+    return _final_norm(cfg, params, x), k_LxBxTxKxE, v_LxBxTxKxE
+
+
+def _embed(cfg: ModelConfig, params: Params, tokens_BxT):
+    return jnp.take(params["embed"], tokens_BxT, axis=0).astype(cfg.jnp_compute_dtype)
+
+
+def _final_norm(cfg: ModelConfig, params: Params, x_BxTxD):
+    return rms_norm(x_BxTxD, params["final_norm"], cfg.rms_norm_eps, weight_in_fp32=cfg.post_norm)
 
 
 def head_weight(cfg: ModelConfig, params: Params):

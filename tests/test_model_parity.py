@@ -58,3 +58,40 @@ def test_rope_theta_from_either_spelling():
     b = dict(tiny_hf_config(), rope_parameters={"rope_type": "default", "rope_theta": 1234.0})
     b.pop("rope_theta")
     assert a.rope_theta == ModelConfig.from_hf(b).rope_theta == 1234.0
+
+
+# ---- Llama 3.1/3.2 RoPE frequency scaling ---------------------------------------------------------
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+
+def llama3_hf_config(arch="llama", **kw):
+    # head_dim 16, theta 1e4: wavelengths 6.3 ... 2e4; an original context of 32 puts them in all three
+    # bands (kept below 32/4, stretched above 32/1, interpolated between).
+    return tiny_hf_config(arch, kv_heads=2, tied=arch == "llama", rope_parameters=LLAMA3_ROPE, **kw)
+
+
+def _unscaled(cfg):
+    return cfg.replace(rope_type="default", rope_factor=None, rope_low_freq_factor=None,
+                       rope_high_freq_factor=None, rope_original_max_position_embeddings=None)
+
+
+def test_llama3_inv_freq_equals_transformers_in_all_three_bands():
+    tm = torch_model(llama3_hf_config())
+    cfg, _ = to_jax(tm)
+    ours = np.asarray(M.rope_inv_freq(cfg))
+    np.testing.assert_allclose(ours, tm.model.rotary_emb.inv_freq.numpy(), rtol=1e-6)
+    stretch = np.asarray(M.rope_inv_freq(_unscaled(cfg))) / ours
+    kept, stretched = np.isclose(stretch, 1.0), np.isclose(stretch, LLAMA3_ROPE["factor"])
+    assert kept.any() and stretched.any() and (~kept & ~stretched).any()
+
+
+@pytest.mark.parametrize("arch", ["llama", "olmo2"])
+def test_parity_llama3_rope_long_sequences(arch):
+    tm = torch_model(llama3_hf_config(arch))
+    cfg, params = to_jax(tm)
+    assert cfg.rope_type == "llama3"
+    ids = np.random.RandomState(5).randint(0, cfg.vocab_size, (2, 96))  # 3x the original context
+    assert _check(tm, cfg, params, ids) < 1e-5
+    ref_logits, _ = torch_logits(tm, ids)  # and the scaling matters: unscaled RoPE would be caught
+    assert np.abs(np.asarray(M.forward(_unscaled(cfg), params, jnp.asarray(ids))) - ref_logits).max() > 1e-3
