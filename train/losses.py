@@ -18,9 +18,16 @@ that gradient accumulation and data parallelism weigh every target token equally
 
 The `*_from_logits` functions are unchunked references on full logits `[B, S, V]` with the same
 semantics (tests compare the chunked hidden-state versions against them).
+
+Cached teacher (`teacher_cache_entries` builds per-target entries from the teacher once, offline;
+`cached_kl_loss` is the forward KL of the student against them, without the teacher): four kinds,
+`full` (all V log-probs), `topk` (k ids, renormalised over them: biased), `topk_tail` (k ids plus
+the rest of the teacher's mass as one bucket) and `sampled` (RS-KD: n importance-weighted draws,
+an unbiased estimate of the full KL and of its gradient). See `cached_kl_loss`.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Callable
@@ -38,6 +45,11 @@ __all__ = [
     "ce_from_logits",
     "kl_from_logits",
     "distill_from_logits",
+    "CACHE_KINDS",
+    "CACHE_KEYS",
+    "TEMPERED_KINDS",
+    "cached_kl_loss",
+    "teacher_cache_entries",
 ]
 
 
@@ -258,3 +270,320 @@ def distill_loss(hs_BxSxD, ws_DxV, ht_BxSxD, wt_DxV, tok_BxS, weight_BxS, *, alp
         return alpha * _ce_per_pos(zs, tok) + (1.0 - alpha) * kl
 
     return _chunked_sum(per_chunk, (ws_DxV, wt_DxV), (hs_BxSxD, ht_BxSxD, tok_BxS), weight_BxS, chunk)
+
+
+# ---- cached teacher: per-target entries and the losses on them --------------------------------------
+
+CACHE_KINDS = ("full", "topk", "topk_tail", "sampled")
+# The arrays of one cache entry, each [B, S, K] (K = V, k, k, 1 or n, see `teacher_cache_entries`).
+CACHE_KEYS = {
+    "full": ("logp",),
+    "topk": ("ids", "logp"),
+    "topk_tail": ("ids", "logp", "logp_tail"),
+    "sampled": ("ids", "logp", "iw"),
+}
+# Kinds whose entries depend on the temperature they were built at (the others store T=1 log-probs,
+# from which every temperature follows: log_softmax(logp_1 / T) == log_softmax(z / T)).
+TEMPERED_KINDS = ("topk_tail", "sampled")
+# Teacher log-probs below this are "log 0" (a -inf from storage): exp gives exactly 0 and
+# 0 * (floor - finite) is 0, where -inf would give 0 * inf = nan.
+_LOG_FLOOR = -1e30
+
+
+def _check_kind(name, kind):
+    if kind not in CACHE_KINDS:
+        raise ValueError(f"{name}: kind must be one of {CACHE_KINDS}, got {kind!r}")
+
+
+def _check_temperature(name, what, t):
+    if not (isinstance(t, numbers.Real) and not isinstance(t, bool) and t > 0 and math.isfinite(t)):
+        raise ValueError(f"{name}: {what} must be a finite number > 0, got {t!r}")
+
+
+def _check_cache_temperature(kind, temperature, cache_temperature):
+    """topk_tail / sampled entries are only valid at the temperature they were built at; full /
+    topk entries are temperature-free (built from T=1 log-probs) and carry no temperature."""
+    _check_temperature("cached_kl_loss", "temperature", temperature)
+    if kind in TEMPERED_KINDS:
+        if cache_temperature is None:
+            raise ValueError(f"cached_kl_loss: {kind} entries depend on their build temperature; "
+                             f"pass cache_temperature (the T they were built at)")
+        if float(cache_temperature) != float(temperature):
+            raise ValueError(f"cached_kl_loss: {kind} entries were built at T={cache_temperature}, "
+                             f"refusing to use them at temperature={temperature}")
+    elif cache_temperature is not None:
+        raise ValueError(f"cached_kl_loss: {kind} entries are temperature-free (T=1 log-probs serve "
+                         f"every T); cache_temperature must be None, got {cache_temperature!r}")
+
+
+def _check_cache(kind, cache, h_BxSxD, vocab):
+    """The entry dict has exactly this kind's keys, each [B, S, K], ids integer."""
+    want = CACHE_KEYS[kind]
+    if not isinstance(cache, dict) or set(cache) != set(want):
+        got = sorted(cache) if isinstance(cache, dict) else type(cache).__name__
+        raise ValueError(f"cached_kl_loss: {kind} entries need keys {list(want)}, got {got}")
+    b, s = h_BxSxD.shape[:2]
+    for key in want:
+        if cache[key].ndim != 3 or cache[key].shape[:2] != (b, s):
+            raise ValueError(f"cached_kl_loss: entry {key!r} must be [B, S, K] = [{b}, {s}, K], "
+                             f"got {cache[key].shape}")
+    if "ids" in cache and not jnp.issubdtype(cache["ids"].dtype, jnp.integer):
+        raise ValueError(f"cached_kl_loss: entry 'ids' must be integer, got {cache['ids'].dtype}")
+    k = cache["logp"].shape[2]
+    if kind == "full" and k != vocab:
+        raise ValueError(f"cached_kl_loss: full entries need logp [B, S, V={vocab}], got width {k}")
+    for key in want:
+        need = 1 if key == "logp_tail" else k
+        if cache[key].shape[2] != need:
+            raise ValueError(f"cached_kl_loss: entry {key!r} has width {cache[key].shape[2]}, expected {need}")
+    if k > vocab and kind != "sampled":
+        raise ValueError(f"cached_kl_loss: {k} cached ids exceed the vocab size {vocab}")
+
+
+def _teacher_logp(x, dt):
+    return jnp.maximum(jax.lax.stop_gradient(x).astype(dt), _LOG_FLOOR)
+
+
+def _xent_terms(logp_t, logq_s):
+    """sum_j p_t[j] * (log p_t[j] - log q_s[j]) over the last axis (teacher log-probs floored)."""
+    return jnp.sum(jnp.exp(logp_t) * (logp_t - logq_s), axis=-1)
+
+
+def _masked_logsumexp(z_BxCxV, ids_BxCxK):
+    """logsumexp of z over the ids NOT in `ids` (duplicates allowed). Masked entries get a large
+    finite negative value, not -inf, so an all-masked row (k = V) gives a finite value and finite
+    gradients (jax's logsumexp of all -inf has a nan gradient)."""
+    return jax.nn.logsumexp(jnp.where(_id_mask(z_BxCxV, ids_BxCxK), _LOG_FLOOR, z_BxCxV), axis=-1)
+
+
+def _id_mask(z_BxCxV, ids_BxCxK):
+    """[B, C, V] bool: True at the ids (a scatter: no [B, C, K, V] one-hot)."""
+    return jnp.put_along_axis(jnp.zeros(z_BxCxV.shape, bool), ids_BxCxK.astype(jnp.int32), True,
+                              axis=-1, inplace=False)
+
+
+def _cached_per_pos(kind, zs_BxCxV, entry, temperature):
+    """T**2 * (estimated) forward KL(teacher || student) per position, for one chunk of entries."""
+    dt = zs_BxCxV.dtype
+    zs = zs_BxCxV / temperature
+    lt = _teacher_logp(entry["logp"], dt)
+    if kind == "full":  # renormalising at T: log_softmax(logp_1 / T) = log_softmax(z_t / T)
+        kl = _xent_terms(jax.nn.log_softmax(lt / temperature, axis=-1), jax.nn.log_softmax(zs, axis=-1))
+        return kl * temperature ** 2
+    ids = entry["ids"].astype(jnp.int32)
+    zs_ids = jnp.take_along_axis(zs, ids, axis=-1)
+    if kind == "topk":  # both renormalised over the k ids (exactly kl_loss(top_k=k))
+        kl = _xent_terms(jax.nn.log_softmax(lt / temperature, axis=-1), jax.nn.log_softmax(zs_ids, axis=-1))
+        return kl * temperature ** 2
+    lse = jax.nn.logsumexp(zs, axis=-1, keepdims=True)
+    ls_ids = zs_ids - lse  # student log-probs normalised over ALL V (not renormalised)
+    if kind == "topk_tail":
+        ls_tail = _masked_logsumexp(zs, ids)[..., None] - lse  # log of the student's mass off the ids
+        lt_all = jnp.concatenate([lt, _teacher_logp(entry["logp_tail"], dt)], axis=-1)
+        return _xent_terms(lt_all, jnp.concatenate([ls_ids, ls_tail], axis=-1)) * temperature ** 2
+    iw = jax.lax.stop_gradient(entry["iw"]).astype(dt)  # sampled
+    return jnp.sum(iw * (lt - ls_ids), axis=-1) * temperature ** 2
+
+
+def cached_kl_loss(hs_BxSxD, ws_DxV, cache, weight_BxS, *, kind: str, temperature: float = 1.0,
+                   cache_temperature: float | None = None, chunk: int | None = DEFAULT_CHUNK):
+    """Forward `T**2 * KL(p_t || p_s)` of the student against cached teacher entries.
+
+    Same conventions as `kl_loss` (student hidden states at target positions and head, chunked over
+    S under jax.checkpoint, float32 math, `(loss_sum, token_count)`), with the teacher replaced by
+    `cache`, a dict of [B, S, K] arrays made by `teacher_cache_entries` (`CACHE_KEYS[kind]`).
+    With `p_s = softmax(z_s / T)` over all V:
+
+      full:      `T**2 * sum_v p_t (log p_t - log p_s)`, `p_t = softmax(logp / T)`: equals `kl_loss`.
+      topk:      the same on the k cached ids with BOTH distributions renormalised over them
+                 (Tunix `distill_top_k`, MaxText's offline top-k; a biased estimator that ignores
+                 the student's mass off the ids): equals `kl_loss(top_k=k)`.
+      topk_tail: k + 1 outcomes: the k ids and "anything else". Teacher: its log-probs at the ids and
+                 its remaining mass (cached); student: `log p_s` at the ids and the log of its mass
+                 off the ids (a logsumexp over the other V - k logits: no cancellation, exact
+                 however small). KL over those k + 1 outcomes; k = V (tail 0) is the full KL.
+      sampled:   RS-KD (Anshumann et al., ACL 2025): `T**2 * sum_j iw_j (logp_j - log p_s[ids_j])`
+                 over the n cached draws, student log-probs over all V. Unbiased for the full KL's
+                 value and its gradient (see `teacher_cache_entries`): with `c = sum_j iw_j` the
+                 gradient w.r.t. `z_s` is `T * (c * p_s - sum_j iw_j e_{ids_j})`, whose expectation
+                 over the draws is `T * (p_s - p_t)`, the full KL's gradient. A single estimate can
+                 be negative.
+
+    Temperature: full and topk entries are temperature-free (T=1 log-probs; `log_softmax(logp / T)`
+    recovers the teacher at any T) and take `cache_temperature=None`; topk_tail and sampled entries
+    are only valid at their build temperature, which must be passed as `cache_temperature` and
+    equal `temperature` (a ValueError otherwise, never a silent mix). Padding targets (weight 0)
+    contribute exactly 0 to the loss and its gradient for any finite entries (collate pads with 0).
+    Only the forward KL: reverse KL needs the teacher's log-probs wherever the student has mass.
+    """
+    _check_kind("cached_kl_loss", kind)
+    _check_hw("cached_kl_loss", hs_BxSxD, ws_DxV)
+    _check_cache_temperature(kind, temperature, cache_temperature)
+    _check_cache(kind, cache, hs_BxSxD, ws_DxV.shape[1])
+    keys = CACHE_KEYS[kind]
+
+    def per_chunk(consts, hs, *entry):
+        (ws,) = consts
+        return _cached_per_pos(kind, _logits(hs, ws), dict(zip(keys, entry)), temperature)
+
+    return _chunked_sum(per_chunk, (ws_DxV,), (hs_BxSxD, *[cache[k] for k in keys]), weight_BxS, chunk)
+
+
+# ---- building the entries from the teacher -----------------------------------------------------------
+
+def _chunked_map(fn: Callable, consts: tuple, seq: tuple, chunk: int | None):
+    """fn(consts, *seq_chunk) -> dict of [B, C, ...], one `chunk` of S at a time (lax.map), joined
+    back to [B, S, ...]. Only one chunk's [B, C, V] intermediates exist at a time."""
+    B, S = seq[0].shape[:2]
+    if chunk is None or S == 0:
+        return fn(consts, *seq)
+    if not isinstance(chunk, numbers.Integral) or isinstance(chunk, bool) or chunk < 1:
+        raise ValueError(f"chunk must be None or an int >= 1, got {chunk!r}")
+    chunk = min(int(chunk), S)
+    n = -(-S // chunk)
+    pad = n * chunk - S
+
+    def split(x):  # [B, S, ...] -> [n, B, chunk, ...]
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape((B, n, chunk) + x.shape[2:]), 1, 0)
+
+    out = jax.lax.map(lambda s: fn(consts, *s), tuple(split(x) for x in seq))
+
+    def join(y):  # [n, B, chunk, ...] -> [B, S, ...]
+        y = jnp.moveaxis(y, 0, 1)
+        return y.reshape((B, n * chunk) + y.shape[3:])[:, :S]
+
+    return {k: join(v) for k, v in out.items()}
+
+
+def _position_uniforms(key, B, S, n, dt):
+    """[B, S, n] uniforms in [0, 1): position s of row b uses `fold_in(row_key_b, s)`, with
+    row_key_b = key[b] for a batch of B keys, else fold_in(key, b). So a row's draws depend on its
+    own key only (not on batching, chunking or padding)."""
+    is_typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    batched = key.ndim == (1 if is_typed else 2)
+    if batched and key.shape[0] != B:
+        raise ValueError(f"teacher_cache_entries: {key.shape[0]} row keys for a batch of {B} rows")
+    rows = key if batched else jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(B))
+    draw = lambda k, s: jax.random.uniform(jax.random.fold_in(k, s), (n,), dt)
+    return jax.vmap(lambda k: jax.vmap(lambda s: draw(k, s))(jnp.arange(S)))(rows)
+
+
+def _inverse_cdf(logq_BxCxV, u_BxCxN):
+    """Ids drawn from q by inverse CDF: one [B, C, V] cumsum (no [.., n, V] Gumbel noise)."""
+    cdf = jnp.cumsum(jnp.exp(logq_BxCxV), axis=-1)
+    u = u_BxCxN * cdf[..., -1:]  # the float cumsum's total, not 1: every u lands inside
+    find = jax.vmap(jax.vmap(lambda c, x: jnp.searchsorted(c, x, side="right")))
+    return jnp.minimum(find(cdf, u), logq_BxCxV.shape[-1] - 1).astype(jnp.int32)
+
+
+def _entries_per_chunk(kind, k, zt_BxCxV, u_BxCxN, temperature, proposal_temperature):
+    logp1 = jax.nn.log_softmax(zt_BxCxV, axis=-1)
+    if kind == "full":
+        return {"logp": logp1}
+    if kind in ("topk", "topk_tail"):
+        _, ids = jax.lax.top_k(zt_BxCxV, k)  # the same ids at every T > 0
+        if kind == "topk":
+            return {"ids": ids, "logp": jnp.take_along_axis(logp1, ids, axis=-1)}
+        zt = zt_BxCxV / temperature
+        lse = jax.nn.logsumexp(zt, axis=-1, keepdims=True)
+        tail = jnp.full(lse.shape, -jnp.inf, lse.dtype) if k == zt.shape[-1] else \
+            jax.nn.logsumexp(jnp.where(_id_mask(zt, ids), -jnp.inf, zt), axis=-1, keepdims=True) - lse
+        return {"ids": ids, "logp": jnp.take_along_axis(zt, ids, axis=-1) - lse, "logp_tail": tail}
+    logp = jax.nn.log_softmax(zt_BxCxV / temperature, axis=-1)  # sampled: the target p_t at T
+    logq = jax.nn.log_softmax(logp / proposal_temperature, axis=-1) if proposal_temperature != 1 else logp
+    ids = _inverse_cdf(logq, u_BxCxN)
+    logp_ids = jnp.take_along_axis(logp, ids, axis=-1)
+    n = ids.shape[-1]
+    if proposal_temperature == 1:  # q = p_t: every weight is exactly 1/n
+        iw = jnp.full(ids.shape, 1.0 / n, logp.dtype)
+    else:
+        iw = jnp.exp(logp_ids - jnp.take_along_axis(logq, ids, axis=-1)) / n
+    return {"ids": ids, "logp": logp_ids, "iw": iw}
+
+
+
+def _check_entries_args(kind, k_or_n, key, temperature, proposal_temperature, vocab):
+    name = "teacher_cache_entries"
+    _check_kind(name, kind)
+    if kind == "full":
+        if k_or_n is not None:
+            raise ValueError(f"{name}: full entries take no k (they hold all {vocab} log-probs), got {k_or_n!r}")
+    elif not isinstance(k_or_n, numbers.Integral) or isinstance(k_or_n, bool) or not 1 <= k_or_n:
+        raise ValueError(f"{name}: {kind} needs k_or_n, an int >= 1, got {k_or_n!r}")
+    elif kind != "sampled" and k_or_n > vocab:
+        raise ValueError(f"{name}: k={k_or_n} exceeds the vocab size {vocab}")
+    if kind in TEMPERED_KINDS:
+        if temperature is None:
+            raise ValueError(f"{name}: {kind} entries depend on the temperature; pass temperature=")
+        _check_temperature(name, "temperature", temperature)
+    elif temperature is not None:
+        raise ValueError(f"{name}: {kind} entries are temperature-free (T=1 log-probs serve every T); "
+                         f"pass temperature=None, got {temperature!r}")
+    _check_temperature(name, "proposal_temperature", proposal_temperature)
+    if proposal_temperature != 1 and kind != "sampled":
+        raise ValueError(f"{name}: proposal_temperature applies to sampled entries only")
+    if kind == "sampled" and key is None:
+        raise ValueError(f"{name}: sampled entries need a PRNG key")
+
+
+def teacher_cache_entries(ht_BxSxD, wt_DxV, kind: str, k_or_n: int | None = None, key=None, *,
+                          temperature: float | None = None, proposal_temperature: float = 1.0,
+                          chunk: int | None = DEFAULT_CHUNK) -> dict:
+    """Per-target cache entries from the teacher's hidden states at target positions and its head.
+
+    `z = ht @ wt` is computed `chunk` positions at a time (no [B, S, V] float32 tensor beyond one
+    chunk, except `full`'s own output). Returns a dict of [B, S, K] arrays (`CACHE_KEYS[kind]`):
+
+      full:      logp [B,S,V]: log_softmax(z), T=1. Temperature-free.
+      topk:      ids [B,S,k] int32: the top-k of z (the same at every T > 0; ties to the lower id);
+                 logp [B,S,k]: log_softmax(z) at ids (T=1, normalised over all V). Temperature-free:
+                 the loss renormalises `logp / T` over the ids, which is exactly softmax(z[ids] / T).
+      topk_tail: ids as topk; logp: log_softmax(z / T) at ids (normalised over all V, at the build
+                 temperature T); logp_tail [B,S,1]: log of the mass off the ids at T, a logsumexp
+                 over the other V - k logits (-inf, i.e. 0 mass, when k = V). Valid at T only.
+      sampled:   RS-KD. With the target `p = softmax(z / T)` and the proposal
+                 `q = softmax(log p / proposal_temperature)` (q = p by default), n ids are drawn
+                 i.i.d. from q, with replacement (a token drawn c times appears c times: the same
+                 as storing unique ids with counts). Stored per draw j:
+                   ids [B,S,n] int32, logp [B,S,n] = log p[ids_j], iw [B,S,n] = p[ids_j] / (n q[ids_j])
+                 (iw = exactly 1/n when q = p: the paper's default, where the estimate of p is the
+                 empirical frequency count/n). The importance weights are NOT self-normalised:
+                 `E[sum_j iw_j f(ids_j)] = sum_v p_v f(v)` for any f, so `sum_j iw_j e_{ids_j}` is an
+                 unbiased estimate of p (the one-hot sum's expectation) and `sum_j iw_j` of 1, which
+                 makes `cached_kl_loss`'s gradient, linear in both, unbiased for any proposal with
+                 full support (softmax of finite logits). Self-normalising (dividing by sum_j iw_j)
+                 would lower the variance of a tempered proposal but bias it. Valid at T only.
+                 Draws use `key`: one PRNG key (row b uses fold_in(key, b)) or a batch of B keys (one
+                 per row, so a row's draws do not depend on which batch it is in); position s of a
+                 row uses fold_in(row key, s). Sampling is by inverse CDF on a float32 cumsum of q
+                 (one [B, C, V] tensor; Gumbel top-n would need [B, C, n, V]): a token whose q is
+                 below the cumsum's resolution near 1 (~6e-8) is drawn with a rounded probability,
+                 a bias of that order, far below the estimator's own noise.
+
+    `temperature`: required for topk_tail / sampled, must be None for full / topk (see above);
+    the loss refuses entries used at another temperature (`cached_kl_loss(cache_temperature=)`).
+    Float32 math (float64 under x64 for float64 inputs); the teacher gets no gradient.
+    """
+    _check_hw("teacher_cache_entries", ht_BxSxD, wt_DxV)
+    _check_entries_args(kind, k_or_n, key, temperature, proposal_temperature, wt_DxV.shape[1])
+    if kind != "sampled":
+        key = None
+    return _build_entries(ht_BxSxD, wt_DxV, key, kind=kind, k=k_or_n, temperature=temperature,
+                          proposal_temperature=proposal_temperature, chunk=chunk)
+
+
+# jitted so that eager (host-loop) callers such as a cache build compile once per shape; inside an
+# outer jit it is simply inlined
+@functools.partial(jax.jit, static_argnames=("kind", "k", "temperature", "proposal_temperature", "chunk"))
+def _build_entries(ht_BxSxD, wt_DxV, key, *, kind, k, temperature, proposal_temperature, chunk):
+    ht_BxSxD, wt_DxV = jax.lax.stop_gradient((ht_BxSxD, wt_DxV))
+    B, S = ht_BxSxD.shape[:2]
+    dt = _compute_dtype(ht_BxSxD, wt_DxV)
+    u = _position_uniforms(key, B, S, k, dt) if kind == "sampled" else jnp.zeros((B, S, 0), dt)
+
+    def per_chunk(consts, ht, u_c):
+        (wt,) = consts
+        return _entries_per_chunk(kind, k, _logits(ht, wt), u_c, temperature, proposal_temperature)
+
+    return _chunked_map(per_chunk, (wt_DxV,), (ht_BxSxD, u), chunk)

@@ -166,6 +166,11 @@ def collate(rows: Sequence[dict[str, np.ndarray]], *, seq_buckets: Sequence[int]
     (`min_tgt_len`) — multi-host callers pass the global batch's lengths there so every host
     picks the same shapes. Padding: tokens `pad_id`, positions 0, segment 0, tgt_pos 0,
     tgt_tok 0, tgt_weight 0, tgt_group -1. `batch_size` appends empty (all-padding) rows up to B.
+
+    Extra target-axis keys (per-row arrays [S_row, K, ...] beside the ROW_KEYS, e.g. a cached
+    teacher's "cache_ids" / "cache_logp", see train/teacher_cache.py) become [B, S, K, ...], padded
+    along S with 0 in their own dtype: ids 0, log-probs / weights 0, which the cached losses turn
+    into finite values that weight 0 then removes. Every row must carry the same extra keys.
     """
     rows = list(rows)
     b = len(rows) if batch_size is None else batch_size
@@ -185,6 +190,25 @@ def collate(rows: Sequence[dict[str, np.ndarray]], *, seq_buckets: Sequence[int]
         arr = np.full((b, width), fill, dtype=_DTYPE[key])
         for i, r in enumerate(rows):
             v = r[key]
+            arr[i, :v.shape[0]] = v
+        out[key] = arr
+    out.update(_collate_target_extras(rows, b, s_len))
+    return out
+
+
+def _collate_target_extras(rows, b: int, s_len: int) -> dict[str, np.ndarray]:
+    """The extra [S_row, K, ...] keys of `rows`, stacked and zero-padded to [b, s_len, K, ...]."""
+    keys = list(dict.fromkeys(k for r in rows for k in r if k not in ROW_KEYS and np.ndim(r[k]) >= 2))
+    out = {}
+    for key in keys:
+        first = np.asarray(next(r[key] for r in rows if key in r))
+        arr = np.zeros((b, s_len) + first.shape[1:], first.dtype)
+        for i, r in enumerate(rows):
+            v = np.asarray(r[key]) if key in r else None
+            if v is None or v.shape[0] != r["tgt_pos"].shape[0] or v.shape[1:] != first.shape[1:]:
+                got = "missing" if v is None else f"shape {v.shape}"
+                raise ValueError(f"collate: row {i}'s {key!r} is {got}; every row needs one "
+                                 f"[S_row={r['tgt_pos'].shape[0]}, {', '.join(map(str, first.shape[1:]))}]")
             arr[i, :v.shape[0]] = v
         out[key] = arr
     return out
