@@ -3,6 +3,7 @@
 The one home of what a CSQA question looks like to a model. Training rows (train/data.py),
 evaluation requests (train/eval/requests.py) and pruning calibration (`calibration_rows`) all
 render and tokenise through here, so the training prompt and the evaluation prompt cannot differ.
+Only olmo_jax is imported: the pruning CLI and library take their calibration rows from here.
 
 Files: olmo_jax/data_files/csqa/{train,validation}.jsonl.gz (MIT; provenance in its README).
 Every row is checked once, when read (`check_row`): 5 distinct labels A..E, non-empty texts, an
@@ -36,6 +37,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from olmo_jax.packing import collate, pack_prompt
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_files", "csqa")
 HF_DATASET = "tau/commonsense_qa"
@@ -203,3 +206,19 @@ def tokenizer_pad_id(tokenizer) -> int:
         if isinstance(v, int):
             return v
     return 0
+
+
+# ---- pruning calibration --------------------------------------------------------------------------
+
+CALIBRATION_BATCH = 16
+
+
+def calibration_batches(tokenizer, num_examples: int = 128, *, batch_size: int = CALIBRATION_BATCH,
+                        seed: int = 0) -> list[dict]:
+    """Batches for activation-based pruning importance: question prompts only (label-free, so
+    pruning never sees an answer), the first `num_examples` of a seeded shuffle of the train split."""
+    examples = load_split("train", limit=num_examples, limit_seed=seed)
+    prompts = tokenize_pairs(tokenizer, [(rc_context(e), []) for e in examples])
+    rows = [pack_prompt(ctx) for ctx, _ in prompts]
+    pad = tokenizer_pad_id(tokenizer)
+    return [collate(rows[i:i + batch_size], pad_id=pad, batch_size=batch_size) for i in range(0, len(rows), batch_size)]

@@ -19,21 +19,26 @@ AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")  # the batch dimension is split over both data-parallel axes
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
-    """A (data, fsdp, tensor) mesh; one size may be -1, meaning 'all remaining devices'."""
-    devices = list(devices if devices is not None else jax.devices())
+def mesh_sizes(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) for `num_devices` devices; one size may be -1: 'all remaining devices'."""
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
         raise OlmoJaxError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
-        if len(devices) % known:
-            raise OlmoJaxError(f"{len(devices)} devices are not divisible by the fixed mesh axes ({known})")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
+        if num_devices % known:
+            raise OlmoJaxError(f"{num_devices} devices are not divisible by the fixed mesh axes ({known})")
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
         raise OlmoJaxError(f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} needs "
-                           f"{math.prod(sizes)} devices, have {len(devices)}")
-    return Mesh(np.asarray(devices).reshape(sizes), AXES)
+                           f"{math.prod(sizes)} devices, have {num_devices}")
+    return tuple(sizes)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh; one size may be -1, meaning 'all remaining devices'."""
+    devices = list(devices if devices is not None else jax.devices())
+    return Mesh(np.asarray(devices).reshape(mesh_sizes(data, fsdp, tensor, len(devices))), AXES)
 
 
 # Why these specs: matmul inputs (D) are split over fsdp and outputs (heads, neurons, vocab) over
@@ -97,3 +102,9 @@ def mesh_from_config(mesh_cfg) -> Mesh:
 def place_params(cfg: ModelConfig, params, mesh: Mesh):
     """Parameters moved (or resharded) into their `param_shardings` layout on `mesh`."""
     return jax.device_put(params, param_shardings(cfg, mesh))
+
+
+def mesh_of(params) -> Mesh | None:
+    """The mesh a parameter tree lives on (None: plain single-device arrays)."""
+    sharding = jax.tree.leaves(params)[0].sharding
+    return sharding.mesh if isinstance(sharding, NamedSharding) else None

@@ -12,6 +12,7 @@ MLP neuron j of a layer owns row j of gate_proj and up_proj (HF layout; column j
 """
 from __future__ import annotations
 
+import functools
 from typing import Iterable
 
 import jax
@@ -42,9 +43,14 @@ def weight_scores(mlp_params, criterion: str = "l2"):
     return jnp.sqrt(sum(sq[p] for p in parts))
 
 
+def activation_stats_program(cfg: ModelConfig):
+    """The jitted (params, batch) -> [L, B, I] per-example mean |activation| (one calibration batch)."""
+    return jax.jit(functools.partial(_per_example_mean_abs_act, cfg))
+
+
 def activation_scores(cfg: ModelConfig, params, batches: Iterable[dict]):
     """[L, I]: L2 over calibration examples of each example's mean |activation| over real tokens."""
-    fn = jax.jit(lambda p, b: _per_example_mean_abs_act(cfg, p, b))
+    fn = activation_stats_program(cfg)
     total = None
     for batch in batches:
         stats_LxBxI = fn(params, batch)

@@ -13,7 +13,7 @@ from absl import app, flags
 
 import olmo_jax
 import prune
-from olmo_jax import fsutil
+from olmo_jax import csqa, fsutil
 from olmo_jax.cli import user_errors
 
 flags.DEFINE_string("src", None, "Model to prune: HF dir, .gguf, olmo_jax checkpoint, or `smollm2`.", required=True)
@@ -37,11 +37,9 @@ def run(src: str, out: str, ratio: float, criterion: str, mode: str, multiple_of
     model = olmo_jax.from_pretrained(src)
     batches = None
     if criterion == "activation":
-        from train.data import calibration_batches
-        batches = calibration_batches(olmo_jax.load_tokenizer(model.source), calib_examples)
+        batches = csqa.calibration_batches(olmo_jax.load_tokenizer(model.source), calib_examples)
     pruned = prune.prune(model, ratio, criterion, mode=mode, multiple_of=multiple_of, batches=batches)
-    kept = pruned.config.intermediate_size if mode == "compact" else int(pruned.neuron_mask.get_value()[0].sum())
-    rep = prune.report(model.config, kept, criterion=criterion, ratio=ratio, mode=mode) | {"source": model.source}
+    rep = prune.report(model.config, pruned.kept_neurons(), criterion=criterion, ratio=ratio, mode=mode) | {"source": model.source}
 
     def extra(tmp):
         olmo_jax.api.write_tokenizer(model.source, tmp)

@@ -41,7 +41,7 @@ def model_config():
 def rows(n: int = 32, seed: int = 0):
     """Synthetic CE rows of a few lengths (the same on every process)."""
     import numpy as np
-    from train.packing import pack_sequence
+    from olmo_jax.packing import pack_sequence
     rng = np.random.RandomState(seed)
     return [pack_sequence(rng.randint(3, 101, rng.randint(4, 20)), rng.randint(3, 101, rng.randint(1, 4)))
             for _ in range(n)]

@@ -8,7 +8,7 @@ import pytest
 import olmo_jax
 from olmo_jax import csqa
 from train import data as D
-from train.packing import DEFAULT_SEQ_BUCKETS, DEFAULT_TGT_BUCKETS, row_lengths
+from olmo_jax.packing import DEFAULT_SEQ_BUCKETS, DEFAULT_TGT_BUCKETS, row_lengths
 
 SAMMY = "61fe6e879ff18686d7552425a36344c8"  # train row 1
 

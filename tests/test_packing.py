@@ -6,7 +6,7 @@ import pytest
 
 from olmo_jax import model as M
 from olmo_jax.config import ModelConfig
-from train.packing import (collate, pack_branches, pack_prompt, pack_sequence, pick_bucket,
+from olmo_jax.packing import (collate, pack_branches, pack_prompt, pack_sequence, pick_bucket,
                            targets_in_batch, tokens_in_batch)
 
 VOCAB = 97

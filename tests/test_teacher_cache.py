@@ -11,7 +11,7 @@ import pytest
 from olmo_jax.config import ModelConfig, OlmoJaxError
 from train import losses as L
 from train import teacher_cache as TC
-from train.packing import collate, pack_branches, pack_sequence
+from olmo_jax.packing import collate, pack_branches, pack_sequence
 
 B, S, D, V = 2, 7, 5, 11
 # jitted, so that repeated builds compile once per shape (the CPU tests are dispatch-bound)

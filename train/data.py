@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from olmo_jax import csqa
-from train.packing import (DEFAULT_SEQ_BUCKETS, DEFAULT_TGT_BUCKETS, collate, pack_branches, pack_prompt,
+from olmo_jax.packing import (DEFAULT_SEQ_BUCKETS, DEFAULT_TGT_BUCKETS, collate, pack_branches, pack_prompt,
                            pack_sequence, pick_bucket, row_lengths, tokens_in_batch)
 
 MODES = ("ce", "kl")
@@ -122,6 +122,15 @@ class Batcher:
                 raise ValueError(f"row {i}: {what} {int(arr[i])} exceeds the largest bucket {max(buckets)}")
         self._perm_cache: tuple[int, np.ndarray] | None = None
 
+    def with_rows(self, rows: Sequence[dict]) -> "Batcher":
+        """The same batcher (batch size, seed, buckets, process slice) over other rows of the same
+        questions, e.g. the rows with a cached teacher's entries attached."""
+        if len(rows) != self.n:
+            raise ValueError(f"with_rows: {len(rows)} rows for a batcher of {self.n}")
+        return Batcher(rows, batch_size=self.batch_size, seed=self.seed, pad_id=self.pad_id,
+                       seq_buckets=self.seq_buckets, tgt_buckets=self.tgt_buckets,
+                       process_index=self.process_index, process_count=self.process_count)
+
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
 
@@ -186,13 +195,3 @@ def make_batcher(tokenizer, *, split: str = "train", mode: str = "ce", inputs: s
 
 __all__ = ["tokenize_examples", "build_example", "build_rows", "Batcher", "make_batcher", "tokens_in_batch",
            "MODES", "KL_INPUTS", "POSITIONS"]
-
-
-def calibration_batches(tokenizer, num_examples: int = 128, *, batch_size: int = 16, seed: int = 0):
-    """Batches for activation-based pruning importance: question prompts only (label-free, so
-    pruning never sees an answer), the first `num_examples` of a seeded shuffle of the train split."""
-    examples = csqa.load_split("train", limit=num_examples, limit_seed=seed)
-    rows = build_rows(examples, tokenizer, mode="kl", inputs="question")
-    pad = csqa.tokenizer_pad_id(tokenizer)
-    return [collate(rows[i:i + batch_size], pad_id=pad, batch_size=batch_size)
-            for i in range(0, len(rows), batch_size)]

@@ -42,6 +42,7 @@ __all__ = [
     "ce_loss",
     "kl_loss",
     "distill_loss",
+    "token_logprobs",
     "ce_from_logits",
     "kl_from_logits",
     "distill_from_logits",
@@ -193,6 +194,18 @@ def _chunked_sum(per_chunk: Callable, consts: tuple, seq: tuple, weight_BxS, chu
 
 
 # ---- public losses on hidden states -------------------------------------------------------------
+
+def token_logprobs(h_BxSxD, w_DxV, tok_BxS, *, chunk: int | None = 32):
+    """`log softmax(h @ w)[tok]` per target, [B, S] float32 (evaluation scoring), `chunk` positions
+    at a time: no [B, S, V] logits tensor."""
+    _check_hw("token_logprobs", h_BxSxD, w_DxV)
+
+    def per_chunk(consts, h, tok):
+        (w,) = consts
+        return {"logp": -_ce_per_pos(_logits(h, w), tok)}
+
+    return _chunked_map(per_chunk, (w_DxV,), (h_BxSxD, tok_BxS), chunk)["logp"]
+
 
 def ce_loss(h_BxSxD, w_DxV, tok_BxS, weight_BxS, *, chunk: int | None = DEFAULT_CHUNK):
     """Cross-entropy of the target tokens from hidden states at target positions.

@@ -50,7 +50,7 @@ from olmo_jax import distributed
 from olmo_jax.config import OlmoJaxError
 from olmo_jax.fsutil import atomic_write_json
 from train import losses
-from train.packing import collate
+from olmo_jax.packing import collate
 
 FORMAT = "olmo_jax.teacher_cache"
 VERSION = 1

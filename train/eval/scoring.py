@@ -1,7 +1,7 @@
 """Batched, jit-compiled log-likelihood scoring of multiple-choice continuations.
 
 Each question's context is computed once: the context and its candidate continuations are packed
-into one row (`train.packing.pack_branches`: each continuation is a branch that sees the context
+into one row (`olmo_jax.packing.pack_branches`: each continuation is a branch that sees the context
 and itself), so a 5-choice question costs one context plus five short continuations instead of
 five full sequences. Rows are padded into a few length buckets, so XLA compiles a handful of
 programs. Log-probs are computed only at target positions, chunked, in float32.
@@ -15,14 +15,14 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
 
 from olmo_jax import csqa
 from olmo_jax.config import ModelConfig
 from olmo_jax.distributed import to_host
-from olmo_jax.sharding import batch_sharding
+from olmo_jax.sharding import batch_sharding, mesh_of
 from olmo_jax.model import gather_positions, head_weight, hidden_states
-from train.packing import DEFAULT_SEQ_BUCKETS, collate, pack_branches
+from train.losses import token_logprobs
+from olmo_jax.packing import DEFAULT_SEQ_BUCKETS, collate, pack_branches
 
 # Finer than training's buckets at the short end: a CSQA question packs into 29 tokens on average
 # (max 78) and its unconditional row into 10, so 16..48 instead of 64 cuts the padded work by 2-3x
@@ -38,28 +38,16 @@ class Item:
     continuations: tuple[str, ...]
 
 
-def _target_logprobs(h_BxSxD, w_DxV, tok_BxS, chunk: int = 32):
-    """log softmax(h @ w)[tok] per target, chunk positions at a time (no [B, S, V] tensor)."""
-    b, s, d = h_BxSxD.shape
-    chunk = min(chunk, s)  # short target rows: no padded chunk positions through the vocab matmul
-    n = -(-s // chunk)
-    h = jnp.pad(h_BxSxD, ((0, 0), (0, n * chunk - s), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)
-    t = jnp.pad(tok_BxS, ((0, 0), (0, n * chunk - s))).reshape(b, n, chunk).swapaxes(0, 1)
-
-    def one(args):
-        hc, tc = args
-        logits = jnp.einsum("bcd,dv->bcv", hc.astype(jnp.float32), w_DxV.astype(jnp.float32))
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        return jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0] - lse
-
-    return jax.lax.map(one, (h, t)).swapaxes(0, 1).reshape(b, n * chunk)[:, :s]
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _score_batch(cfg: ModelConfig, params, batch):
+def _score(cfg: ModelConfig, params, batch):
     h = hidden_states(cfg, params, batch["tokens"], batch["positions"], batch["segment_ids"])
-    lp = _target_logprobs(gather_positions(h, batch["tgt_pos"]), head_weight(cfg, params), batch["tgt_tok"])
+    lp = token_logprobs(gather_positions(h, batch["tgt_pos"]), head_weight(cfg, params), batch["tgt_tok"])
     return lp * batch["tgt_weight"]
+
+
+@functools.lru_cache(maxsize=None)
+def score_batch(cfg: ModelConfig):
+    """The jitted (params, batch) -> per-target log-probs [B, S] (0 at padding) of one model config."""
+    return jax.jit(functools.partial(_score, cfg))
 
 
 def score_items(cfg: ModelConfig, params, tokenizer, items: Sequence[Item], *, batch_size: int = 32,
@@ -74,7 +62,7 @@ def score_items(cfg: ModelConfig, params, tokenizer, items: Sequence[Item], *, b
     loglik = np.zeros((len(items), c_max))
     ntok = np.zeros((len(items), c_max), np.int64)
     pad = csqa.tokenizer_pad_id(tokenizer)
-    mesh = _mesh_of(params)
+    mesh = mesh_of(params)
     if mesh is not None:
         n = mesh.shape["data"] * mesh.shape["fsdp"]
         batch_size = -(-batch_size // n) * n
@@ -90,7 +78,7 @@ def score_items(cfg: ModelConfig, params, tokenizer, items: Sequence[Item], *, b
         batch = collate(rows, seq_buckets=SEQ_BUCKETS, tgt_buckets=TGT_BUCKETS, pad_id=pad, batch_size=batch_size)
         on_device = {k: jnp.asarray(v) if mesh is None else jax.device_put(v, batch_sharding(mesh, v.ndim))
                      for k, v in batch.items()}
-        lp = to_host(_score_batch(cfg, params, on_device)).astype(np.float64)
+        lp = to_host(score_batch(cfg)(params, on_device)).astype(np.float64)
         for r, i in enumerate(idx):
             g = batch["tgt_group"][r]
             for c in range(len(items[i].continuations)):
@@ -102,9 +90,3 @@ def score_items(cfg: ModelConfig, params, tokenizer, items: Sequence[Item], *, b
     if bar is not None:
         bar.close()
     return loglik, ntok
-
-
-def _mesh_of(params):
-    """The mesh the parameters live on (None: a single device)."""
-    sharding = jax.tree.leaves(params)[0].sharding
-    return sharding.mesh if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1 else None

@@ -1,5 +1,8 @@
 """Build rows and batches in the one batch format (docs/DESIGN.md), from token-id lists. Pure NumPy.
 
+It is the model's input format (the segment-id rule of a branch is `model.attention_mask`'s), so
+it lives beside the model: training, evaluation and pruning calibration all batch through it.
+
 A *row* is a dict of 1-D arrays, one example before batching:
   tokens, positions, segment_ids   [T_row] int32
   tgt_pos, tgt_tok, tgt_group      [S_row] int32
