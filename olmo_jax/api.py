@@ -45,7 +45,10 @@ def _gguf_hf_config(path: str) -> dict:
 
 def _gguf_tensors(path: str, hf_config: dict) -> dict[str, Any]:
     """Dequantised GGUF tensors under HF names (transformers maps names and undoes Q/K permutes)."""
-    import torch
+    try:
+        import torch
+    except ImportError:  # transformers' GGUF reader dequantises into torch tensors
+        raise OlmoJaxError('reading a .gguf file needs PyTorch: pip install -e ".[torch]"') from None
     import transformers
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 

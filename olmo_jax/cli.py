@@ -31,16 +31,22 @@ def user_errors():
         sys.exit(e.exit_code)
 
 
-class _LazyFileHandler(logging.FileHandler):
-    """Opens (and creates the directory of) its file at the first record, so a run refused before
-    it writes anything leaves no log file behind."""
+class _WorkdirLogHandler(logging.FileHandler):
+    """Appends to a file in the run's directory once that directory exists (the run creates it);
+    records before that wait in memory. A run refused before it creates anything leaves nothing."""
 
     def __init__(self, path: str):
         super().__init__(path, delay=True)
+        self._early: list[logging.LogRecord] = []
 
-    def _open(self):
-        os.makedirs(os.path.dirname(self.baseFilename), exist_ok=True)
-        return super()._open()
+    def emit(self, record):
+        if self.stream is None and not os.path.isdir(os.path.dirname(self.baseFilename)):
+            self._early.append(record)
+            return
+        early, self._early = self._early, []
+        for r in early:
+            super().emit(r)
+        super().emit(record)
 
 
 def library_logs_to(path: str) -> None:
@@ -49,7 +55,7 @@ def library_logs_to(path: str) -> None:
     from absl import flags
     from absl import logging as absl_logging
 
-    file_handler = _LazyFileHandler(path)
+    file_handler = _WorkdirLogHandler(path)
     file_handler.setFormatter(absl_logging.PythonFormatter())
     file_handler.setLevel(logging.INFO)
     root = logging.getLogger()

@@ -14,6 +14,8 @@ from typing import Any
 import jax.numpy as jnp
 
 SUPPORTED_ARCHS = ("olmo2", "llama")
+REQUIRED_HF_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "rms_norm_eps")
 ROPE_TYPES = ("default", "llama3")
 # The parameters of Llama 3.1/3.2's RoPE frequency scaling, by their Hugging Face names.
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -157,6 +159,9 @@ class ModelConfig:
                 raise OlmoJaxError(f"unsupported config: {flag}=True (this implementation has no biases)")
         if hf.get("hidden_act", "silu") != "silu":
             raise OlmoJaxError(f"unsupported hidden_act {hf['hidden_act']!r} (only silu / SwiGLU)")
+        missing = [k for k in REQUIRED_HF_KEYS if hf.get(k) is None]
+        if missing:
+            raise OlmoJaxError(f"config.json lacks {', '.join(missing)} (model_type={model_type!r})")
         heads = hf["num_attention_heads"]
         kw = dict(
             arch=model_type,

@@ -11,9 +11,12 @@ _done = False
 
 
 def maybe_initialize(jax_cfg) -> None:
-    """Calls jax.distributed.initialize once when jax_cfg.distributed is set. Empty fields mean
+    """The persistent compilation cache when jax_cfg.compilation_cache_dir is set; then
+    jax.distributed.initialize, once, when jax_cfg.distributed is set. Empty fields mean
     auto-detection (TPU pods, SLURM); on CPU or GPU clusters give coordinator/count/id."""
     global _done
+    if jax_cfg.get("compilation_cache_dir"):
+        jax.config.update("jax_compilation_cache_dir", jax_cfg.compilation_cache_dir)
     if _done or not jax_cfg.get("distributed", False):
         return
     kw = {}

@@ -28,13 +28,15 @@ Parameter pytree (pure dict):
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from olmo_jax.attention import applies as fused_applies
+from olmo_jax.attention import fused_attention, resolve_attention_impl  # noqa: F401 (re-exported)
 from olmo_jax.config import ModelConfig
 
 Params = dict[str, Any]
@@ -108,10 +110,18 @@ def _mm(x, w):
     return y.reshape(*lead, w.shape[-1])
 
 
+class FusedMask(NamedTuple):
+    """Plain causal rows (segment ids 1 for tokens, 0 for padding) through a fused kernel
+    (`olmo_jax.attention`), instead of a materialised [B, T, T] mask."""
+    impl: str
+    segment_ids_BxT: Any
+
+
 def attention(cfg: ModelConfig, p: Params, x_BxTxD, cos_BxTxE, sin_BxTxE, mask_BxTxT, past=None):
     """Self-attention of the T tokens of x over themselves (as mask_BxTxT allows) and, when
     decoding, over earlier tokens' cached keys/values.
 
+    mask_BxTxT: [B, T, T] bool (what each token sees), or a FusedMask.
     past: None, or (k_past_BxMxKxE, v_past_BxMxKxE, past_mask_BxTxM).
     Returns (output [B, T, D], (k_BxTxKxE, v_BxTxKxE)): the T tokens' keys (QK-normed, RoPE'd)
     and values, in the compute dtype, for the caller to cache.
@@ -125,6 +135,9 @@ def attention(cfg: ModelConfig, p: Params, x_BxTxD, cos_BxTxE, sin_BxTxE, mask_B
     q_BxTxHxE = apply_rope(q_BxTxHE.reshape(b, t, h, e), cos_BxTxE, sin_BxTxE)
     k_BxTxKxE = apply_rope(k_BxTxKE.reshape(b, t, k, e), cos_BxTxE, sin_BxTxE)
     v_BxTxKxE = v_BxTxKE.reshape(b, t, k, e)
+    if isinstance(mask_BxTxT, FusedMask):
+        out_BxTxHxE = fused_attention(mask_BxTxT.impl, q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, mask_BxTxT.segment_ids_BxT)
+        return _mm(out_BxTxHxE.reshape(b, t, h * e), p["o_proj"]), (k_BxTxKxE, v_BxTxKxE)
     q_BxTxKxGxE = q_BxTxHxE.reshape(b, t, k, h // k, e)
     scores_BxKxGxTxT = _masked_scores(q_BxTxKxGxE, k_BxTxKxE, mask_BxTxT)
     if past is None:
@@ -184,12 +197,14 @@ def default_positions(segment_ids_BxT):
 
 def hidden_states(cfg: ModelConfig, params: Params, tokens_BxT, positions_BxT=None,
                   segment_ids_BxT=None, *, remat: bool = False, return_layers: bool = False,
-                  mlp_stat=None):
+                  mlp_stat=None, attention_impl: str = "xla"):
     """Final-normed hidden states [B, T, D].
 
     return_layers: also return every layer's output [L, B, T, D] (parity tests).
     mlp_stat: fn(act_BxTxI, segment_ids_BxT) -> array; also return its per-layer results stacked
       on a leading L axis (activation-based pruning importance).
+    attention_impl: a resolved implementation (`resolve_attention_impl`); a fused one only for plain
+      causal rows, and only where it takes this T (olmo_jax/attention.py).
     """
     if segment_ids_BxT is None:
         segment_ids_BxT = jnp.ones(tokens_BxT.shape, jnp.int32)
@@ -197,7 +212,10 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens_BxT, positions_BxT=No
         positions_BxT = default_positions(segment_ids_BxT)
     x = _embed(cfg, params, tokens_BxT)
     cos, sin = rope_tables(cfg, positions_BxT)
-    mask = attention_mask(segment_ids_BxT)
+    if attention_impl != "xla" and fused_applies(attention_impl, tokens_BxT.shape[1]):
+        mask = FusedMask(attention_impl, segment_ids_BxT)  # plain causal rows (the caller knows)
+    else:
+        mask = attention_mask(segment_ids_BxT)
 
     def body(x, layer):
         y, act, _ = block(cfg, layer, x, cos, sin, mask)

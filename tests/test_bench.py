@@ -108,3 +108,14 @@ def test_variants_and_errors():
     c.sections = ("nope",)
     with pytest.raises(OlmoJaxError, match="unknown sections"):
         bench.run_bench(c)
+
+
+def test_gpu_xla_flags_are_known_to_this_jaxlib():
+    """An unknown flag in XLA_FLAGS aborts every JAX start-up: the gpu variant's flags must parse."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, XLA_FLAGS=get_config("gpu").xla_flags)
+    r = subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; print(float(jnp.ones(3).sum()))"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "3.0", r.stderr[-500:]

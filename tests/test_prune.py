@@ -173,7 +173,10 @@ def test_real_smollm2_prune_30_and_export(tmp_path):
     tok = transformers.AutoTokenizer.from_pretrained(hf)
     ids = tok("Question: What do people eat for breakfast?\nAnswer:")["input_ids"]
     ours = olmo_jax.from_pretrained(out)
+    # The pruned, unrecovered model is ill-conditioned (hidden states up to ~1e4): two float32
+    # implementations differ by ~1.4e-4 of the max logit on AMD EPYC, each ~7e-5 from float64. So
+    # the reference is transformers in float64, and ours must be as close to it as float32 can be.
     with torch.no_grad():
-        theirs = back(torch.tensor([ids])).logits.numpy()
+        theirs = back.double()(torch.tensor([ids])).logits.numpy()
     got = np.asarray(ours(np.array([ids])))
     assert np.abs(got - theirs).max() / np.abs(theirs).max() < 1e-4

@@ -10,7 +10,7 @@ import prune
 from olmo_jax import model as M
 from olmo_jax.config import ModelConfig, OlmoJaxError
 from olmo_jax.sharding import check_batch_divisible, make_mesh, place_params
-from train.packing import collate, pack_branches, pack_sequence
+from olmo_jax.packing import collate, pack_branches, pack_sequence
 from train.step import (LossConfig, build_optimizer, init_state, jit_train_step, make_loss_fn,
                         make_train_step, split_micro_batches)
 

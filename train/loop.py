@@ -161,31 +161,59 @@ def global_batch(local: dict[str, np.ndarray], shardings) -> dict[str, jax.Array
     return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in local.items()}
 
 
+def _initial_state(mngr, model_cfg: ModelConfig, params, optimizer, mesh: Mesh, donate: bool):
+    """(state, start step, restored?): the newest readable checkpoint, restored straight into the
+    train state's shardings (no fresh state is built first), else a fresh state from `params`."""
+    params = place_params(model_cfg, params, mesh)
+    restored = restore_latest(mngr, step_lib.abstract_state(optimizer, params, mesh))
+    if restored is not None:
+        if donate:  # the caller gave its arrays up; the checkpoint replaces them
+            jax.tree.map(lambda x: x.delete(), params)
+        return restored[0], restored[1], True
+    return step_lib.init_state(params, optimizer, mesh, copy=not donate), 0, False
+
+
+def _check_finite(metrics: dict, step: int, last_good: int | None) -> None:
+    """A finite loss with non-finite gradients still poisons this step's update (the new params are
+    NaN): both are checked before this state can be saved."""
+    bad = [k for k in ("loss", "grad_norm") if k in metrics and not math.isfinite(metrics[k])]
+    if bad:
+        where = f"step {last_good}" if last_good is not None else "none saved yet"
+        what = ", ".join(f"{k}={metrics[k]}" for k in bad)
+        raise OlmoJaxError(f"non-finite loss or gradient ({what}) at step {step + 1}; "
+                           f"training halted; last good checkpoint: {where}")
+
+
+def step_shapes(batcher, start: int, total_steps: int) -> list[tuple[int, int]]:
+    """The distinct (T, S) batch shapes of steps [start, total): each compiles the step once."""
+    return sorted({batcher.shapes_at(s) for s in range(start, total_steps)})
+
+
 def train(*, workdir: str, model_cfg: ModelConfig, params, mesh: Mesh, batcher, total_steps: int,
           opt_cfg, loss: step_lib.LossConfig, teacher: tuple[ModelConfig, Any] | None = None,
           neuron_mask=None, grad_accum: int = 1, remat: bool = False, ckpt_every: int = 50,
-          keep: int = 2, log_every: int = 1, progress: bool = True,
-          eval_fn: Callable[[Any, int], dict] | None = None, eval_every: int = 0) -> Any:
-    """Runs (or resumes) recovery training in `workdir`; returns the final params."""
+          keep: int = 2, log_every: int = 1, progress: bool = True, attention_impl: str = "xla",
+          eval_fn: Callable[[Any, int], dict] | None = None, eval_every: int = 0,
+          donate_params: bool = False) -> Any:
+    """Runs (or resumes) recovery training in `workdir`; returns the final params.
+
+    donate_params: the train state takes `params` over instead of copying them (one copy of the
+    student on the devices; the caller's arrays are invalid afterwards)."""
     os.makedirs(workdir, exist_ok=True)
     optimizer = step_lib.build_optimizer(opt_cfg, total_steps, neuron_mask)
-    schedule = make_schedule(opt_cfg, total_steps)
-    state = step_lib.init_state(place_params(model_cfg, params, mesh), optimizer, mesh)
     mngr = checkpoint_manager(os.path.join(workdir, "checkpoints"), every=ckpt_every, keep=keep)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    restored = restore_latest(mngr, abstract)
-    start = 0
-    if restored is not None:
-        state, start = restored
+    state, start, restored = _initial_state(mngr, model_cfg, params, optimizer, mesh, donate_params)
+    if restored:
         print(f"resumed from step {start}", flush=True)
     teacher_params = None if teacher is None else place_params(teacher[0], teacher[1], mesh)
     fn = step_lib.make_train_step(model_cfg, optimizer, loss, teacher_cfg=None if teacher is None else teacher[0],
-                                  remat=remat, lr_schedule=schedule)
+                                  remat=remat, lr_schedule=make_schedule(opt_cfg, total_steps),
+                                  attention_impl=attention_impl)
     example = step_lib.split_micro_batches(batcher.batch_at(start), grad_accum)
     step_fn = step_lib.jit_train_step(fn, mesh, state, teacher_params, example)
     metrics_log = MetricsLog(workdir, start)
     bar = _progress(progress, start, total_steps)
-    last_good = start if restored is not None else None
+    last_good = start if restored else None
     try:
         with _SigtermFlag() as sigterm:
             for step in range(start, total_steps):
@@ -194,14 +222,7 @@ def train(*, workdir: str, model_cfg: ModelConfig, params, mesh: Mesh, batcher, 
                 state, metrics = step_fn(state, teacher_params, global_batch(mb, step_lib.batch_shardings(mesh, mb)))
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 dt = time.perf_counter() - t0
-                # A finite loss with non-finite gradients still poisons this step's update (the
-                # new params are NaN): check both, before this state can be saved.
-                bad = [k for k in ("loss", "grad_norm") if k in metrics and not math.isfinite(metrics[k])]
-                if bad:
-                    where = f"step {last_good}" if last_good is not None else "none saved yet"
-                    what = ", ".join(f"{k}={metrics[k]}" for k in bad)
-                    raise OlmoJaxError(f"non-finite loss or gradient ({what}) at step {step + 1}; "
-                                       f"training halted; last good checkpoint: {where}")
+                _check_finite(metrics, step, last_good)
                 metrics |= {"step_time_s": dt, "tokens_per_s": batcher.tokens_in_batch(step) / dt}
                 done = step + 1
                 if eval_fn is not None and eval_every and done % eval_every == 0:

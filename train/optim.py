@@ -11,6 +11,7 @@
 | `b1`, `b2` | Adam betas, in [0, 1) | 0.9, 0.95 |
 | `eps` | Adam epsilon, > 0 | 1e-8 |
 | `grad_clip` | max global gradient norm; 0 or None disables clipping | 1.0 |
+| `mu_dtype` | AdamW first-moment dtype: "" (the parameter's) or "bfloat16" (half its memory) | "" |
 
 Schedule (`make_schedule`), for optimizer step `t` = 0, 1, ... (the count of updates already applied):
   t < warmup:  `lr * (t + 1) / warmup`        (the first update already uses lr / warmup, never 0)
@@ -42,7 +43,9 @@ DEFAULTS = {
     "b2": 0.95,
     "eps": 1e-8,
     "grad_clip": 1.0,
+    "mu_dtype": "",
 }
+MU_DTYPES = {"": None, "float32": "float32", "bfloat16": "bfloat16"}
 
 NO_DECAY_SUBSTRINGS = ("norm", "embed")
 
@@ -92,6 +95,10 @@ def _validated(opt_cfg, total_steps) -> dict[str, Any]:
     }
     clip = _get(opt_cfg, "grad_clip")
     c["grad_clip"] = None if clip is None else _number("grad_clip", clip, "None or >= 0", lambda v: v >= 0)
+    mu = _get(opt_cfg, "mu_dtype") or ""
+    if mu not in MU_DTYPES:
+        raise _bad("mu_dtype", mu, f"one of {sorted(MU_DTYPES)}")
+    c["mu_dtype"] = MU_DTYPES[mu]
     _int("total_steps", total_steps, "an int >= 1", lambda v: v >= 1)
     return c
 
@@ -145,6 +152,6 @@ def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
     c = _validated(opt_cfg, total_steps)
     schedule = make_schedule(opt_cfg, total_steps)
     clip = optax.clip_by_global_norm(c["grad_clip"]) if c["grad_clip"] else optax.identity()
-    adamw = optax.adamw(schedule, b1=c["b1"], b2=c["b2"], eps=c["eps"],
+    adamw = optax.adamw(schedule, b1=c["b1"], b2=c["b2"], eps=c["eps"], mu_dtype=c["mu_dtype"],
                         weight_decay=c["weight_decay"], mask=decay_mask)
     return optax.chain(clip, adamw)

@@ -4,21 +4,30 @@ from __future__ import annotations
 import jax
 
 from olmo_jax.config import OlmoJaxError
-from olmo_jax.model import Transformer
+from olmo_jax.model import Transformer, resolve_attention_impl
 from olmo_jax.sharding import check_batch_divisible, mesh_from_config
 from train import data as data_lib
 from train.loop import train
 from train.step import LossConfig
 
-# CSQA rows are short (CE ~25 tokens, five packed choices ~45): finer buckets at the short end than
-# the data module's defaults halve the padded work, for two or three extra compiles per run.
-TRAIN_SEQ_BUCKETS = (32, 48, 64, 96, 128, 256, 512)
-
 
 def loss_config(config) -> LossConfig:
     d = config.distill
     return LossConfig(kind=config.train.loss, temperature=d.temperature, reverse=d.reverse,
-                      top_k=d.top_k or None, alpha=d.alpha, chunk=d.chunk or None)
+                      top_k=d.top_k or None, alpha=d.alpha, chunk=d.chunk or None, source=d.source,
+                      cache_kind=d.cache.kind)
+
+
+def rows_are_branched(config) -> bool:
+    """Whether training rows pack several continuations as branches of one prompt (KL over the five
+    choices): fused attention kernels take plain causal rows only."""
+    return config.train.loss == "kl" and config.distill.inputs == "choices"
+
+
+def attention_impl(config, backend: str | None = None) -> str:
+    """The attention implementation of this config's training rows on `backend` (default: JAX's)."""
+    return resolve_attention_impl(config.model.attention_impl, branched=rows_are_branched(config),
+                                  backend=backend)
 
 
 def make_train_batcher(config, tokenizer, *, train_examples: int | None = None):
@@ -33,27 +42,33 @@ def make_train_batcher(config, tokenizer, *, train_examples: int | None = None):
             tokenizer, split="train", mode=kind, inputs=config.distill.inputs,
             positions=(config.distill.positions if kind == "kl" else None),
             batch_size=config.data.batch_size, seed=config.data.seed, limit=limit, hf_hub=config.data.hf_hub,
-            seq_buckets=TRAIN_SEQ_BUCKETS, process_index=jax.process_index(), process_count=jax.process_count())
+            seq_buckets=tuple(config.data.seq_buckets), tgt_buckets=tuple(config.data.tgt_buckets),
+            process_index=jax.process_index(), process_count=jax.process_count())
     except ValueError as e:
         raise OlmoJaxError(str(e)) from e
 
 
 def recover(config, workdir: str, student: Transformer, teacher: Transformer | None, tokenizer, *,
-            mesh=None, train_examples: int | None = None, eval_fn=None) -> Transformer:
+            mesh=None, train_examples: int | None = None, eval_fn=None, donate_student: bool = False,
+            batcher=None) -> Transformer:
     """Trains `student` with config.train.loss; returns the recovered model (same config, source and,
-    in mask mode, neuron mask: its pruned neurons stay exactly zero)."""
+    in mask mode, neuron mask: its pruned neurons stay exactly zero).
+
+    donate_student: the training state takes the student's arrays over (one student copy on the
+    devices); the `student` passed in is unusable afterwards."""
     loss = loss_config(config)
-    if loss.kind == "kl" and teacher is None:
-        raise OlmoJaxError("train.loss=kl needs the unpruned teacher")
+    if loss.needs_teacher and teacher is None:
+        raise OlmoJaxError("train.loss=kl needs the unpruned teacher (or distill.source=cache)")
     mesh = mesh or mesh_from_config(config.mesh)
     check_batch_divisible(config.data.batch_size // config.train.grad_accum, mesh)
-    batcher = make_train_batcher(config, tokenizer, train_examples=train_examples)
+    batcher = batcher or make_train_batcher(config, tokenizer, train_examples=train_examples)
     params = train(
         workdir=workdir, model_cfg=student.config, params=student.param_dict(), mesh=mesh, batcher=batcher,
         total_steps=config.train.steps, opt_cfg=config.opt, loss=loss,
-        teacher=None if loss.kind == "ce" else (teacher.config, teacher.param_dict()),
+        teacher=(teacher.config, teacher.param_dict()) if loss.needs_teacher else None,
         neuron_mask=None if student.neuron_mask is None else student.neuron_mask.get_value(),
-        grad_accum=config.train.grad_accum, remat=config.train.remat,
+        grad_accum=config.train.grad_accum, remat=config.train.remat, attention_impl=attention_impl(config),
         ckpt_every=config.train.ckpt_every, keep=config.train.keep, log_every=config.train.log_every,
-        progress=config.train.progress, eval_fn=eval_fn, eval_every=config.train.eval_every)
+        progress=config.train.progress, eval_fn=eval_fn, eval_every=config.train.eval_every,
+        donate_params=donate_student)
     return student.with_params(params)

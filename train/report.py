@@ -58,11 +58,18 @@ def markdown(results: dict) -> str:
     if any(r.get("resumed") for r in table):
         lines.append("\n\\* resumed from a checkpoint: train s counts the last launch only.")
     if results.get("comparisons"):
-        lines.append("\nPaired bootstrap, KL minus CE (same questions):\n")
+        lines.append("\nPaired bootstrap, KL run minus its baseline (same questions):\n")
         lines.append("| comparison | mean diff | 95% CI | p |")
         lines.append("|---|---|---|---|")
         for k, c in results["comparisons"].items():
             lines.append(f"| {k} | {c['mean_diff']:+.4f} | [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] | {c['p_value']:.3f} |")
+    if results.get("caches"):
+        lines.append("\nTeacher caches (built once, offline; the cached KL runs load no teacher):\n")
+        lines.append("| cache | kind | k | rows | MB | bytes per question | build s |")
+        lines.append("|---|---|---|---|---|---|---|")
+        for name, c in results["caches"].items():
+            lines.append(f"| {name} | {c['kind']} | {c['k'] or ''} | {c['rows']} | {c['file_bytes'] / 1e6:.1f} | "
+                         f"{c['bytes_per_row']:.0f} | {c['build_s']:.0f} |")
     if results.get("speed"):
         lines.append(speed_markdown(results["speed"]))
     return "\n".join(lines) + "\n"

@@ -58,16 +58,26 @@ class Stages:
         return out
 
 
+def _baselines(name: str, run: dict) -> list[str]:
+    """The runs a KL run is compared with: CE with the same (criterion, ratio, tag), and, for KL
+    from a cached teacher, online KL too."""
+    if "tag" not in run:  # written before runs recorded their tag: names are run-CRIT-RATIO-kl[TAG]
+        return [name.replace("-kl", "-ce")]
+    stem = f"run-{run['criterion']}-{run['ratio']}"
+    return [f"{stem}-ce{run['tag']}"] + ([f"{stem}-kl{run['tag']}"] if run["method"] != "kl" else [])
+
+
 def paired_comparisons(st: Stages, runs: dict) -> dict:
-    """Paired bootstrap of KL vs CE on the same questions, for every (criterion, ratio, tag)."""
+    """Paired bootstrap, on the same questions, of every KL run against its baselines."""
     out = {}
-    for name in runs:
-        if name.startswith("run-") and "-kl" in name:
-            ce_name = name.replace("-kl", "-ce")
-            a, b = (os.path.join(st.path(n), "eval.json") for n in (name, ce_name))
+    for name, run in runs.items():
+        if not (name.startswith("run-") and run.get("method", "kl").startswith("kl") and "-kl" in name):
+            continue
+        for base in _baselines(name, run):
+            a, b = (os.path.join(st.path(n), "eval.json") for n in (name, base))
             if os.path.exists(a) and os.path.exists(b):
-                out[f"{name} vs {ce_name}"] = paired_bootstrap(correctness(json.load(open(a))),
-                                                              correctness(json.load(open(b))))
+                out[f"{name} vs {base}"] = paired_bootstrap(correctness(json.load(open(a))),
+                                                          correctness(json.load(open(b))))
     return out
 
 
@@ -83,5 +93,8 @@ def collect(workdir: str) -> dict:
             results["runs"][name] = st.result(name)
     if st.result("tuning"):
         results["tuning"] = st.result("tuning")
+    caches = {n: st.result(n) for n in sorted(os.listdir(workdir)) if n.startswith("cache-") and st.result(n)}
+    if caches:
+        results["caches"] = caches
     results["comparisons"] = paired_comparisons(st, results["runs"])
     return results

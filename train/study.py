@@ -34,12 +34,15 @@ from olmo_jax import csqa, fsutil
 from olmo_jax.config import OlmoJaxError
 from olmo_jax.distributed import barrier, is_primary, maybe_initialize
 from olmo_jax.model import Transformer
-from olmo_jax.sharding import mesh_from_config, place_params
+from olmo_jax.sharding import check_batch_divisible, mesh_from_config
 from train.eval.run import evaluate_params
-from train.recover import make_train_batcher, recover
+from train.loop import step_shapes
+from train.losses import CACHE_KINDS, TEMPERED_KINDS
+from train.recover import loss_config, make_train_batcher, recover
 from train.report import write_report
 from train.stages import CONFIG_FILE, Stages, paired_comparisons
 from train.step import LossConfig
+from train.teacher_cache import attach_cache, build_cache, load_cache, model_teacher_fn, params_fingerprint
 
 REQUIRED_GROUPS = ("model", "prune", "data", "train", "opt", "distill", "eval", "mesh", "pipeline", "jax")
 
@@ -51,14 +54,36 @@ class Study:
     mesh: Mesh
     stages: Stages
     dense_path: str             # the dense model's checkpoint (stage `dense`)
-    dense: Transformer          # the teacher, on the mesh
     tokenizer: Any
     results: dict[str, Any]     # what run_study returns, filled stage by stage
     chosen: dict[str, dict] = dataclasses.field(default_factory=dict)  # method -> tuned {"lr", "steps"}
+    _models: dict[str, Transformer] = dataclasses.field(default_factory=dict)
 
     @property
     def plan(self):
         return self.config.pipeline
+
+    @property
+    def teacher_dtype(self) -> str:
+        return self.config.model.teacher_dtype or self.config.model.compute_dtype
+
+    def dense(self) -> Transformer:
+        """The dense model in its master dtype (dense eval, pruning), on the mesh."""
+        return self._model(self.config.model.dtype)
+
+    def teacher(self) -> Transformer:
+        """The dense model as the KL teacher, in `model.teacher_dtype` (the same object as `dense()`
+        when the dtypes agree)."""
+        return self._model(self.teacher_dtype)
+
+    def _model(self, dtype: str) -> Transformer:
+        # One dense copy on the devices at a time: a 7B float32 master and its bfloat16 teacher do
+        # not fit one H200 beside a student and its moments, so switching dtype reloads.
+        if dtype not in self._models:
+            self._models.clear()
+            self._models[dtype] = olmo_jax.from_pretrained(self.dense_path, dtype=dtype, mesh=self.mesh,
+                                                           compute_dtype=self.config.model.compute_dtype)
+        return self._models[dtype]
 
 
 # ---- checks before anything runs ----------------------------------------------------------------
@@ -74,8 +99,8 @@ def validate_config(config) -> None:
     if config.prune.criterion not in prune_lib.CRITERIA or any(c not in prune_lib.CRITERIA for c in config.pipeline.criteria):
         raise OlmoJaxError(f"unknown pruning criterion in {config.prune.criterion!r} / {list(config.pipeline.criteria)}; "
                            f"choose from {prune_lib.CRITERIA}")
-    for m in list(config.pipeline.methods) + [config.train.loss]:
-        LossConfig(kind=m)  # raises for an unknown loss
+    for m in list(config.pipeline.methods) + list(config.pipeline.extra_methods) + [config.train.loss]:
+        LossConfig(kind=parse_method(m)[0])  # raises for an unknown loss
     tune = config.pipeline.tune
     if any(lr <= 0 for lr in tune.lrs) or any(n < 1 for n in tune.steps):
         raise OlmoJaxError("pipeline.tune.lrs must be > 0 and pipeline.tune.steps >= 1")
@@ -141,11 +166,30 @@ def _latest_checkpoint_step(directory: str) -> int | None:
     return max(steps, default=None)
 
 
-def _run_config(study: Study, method: str, steps=None, lr=None):
-    """The study config for one training run of `method`: the tuned (lr, steps) unless given."""
+def parse_method(method: str) -> tuple[str, str | None, int | None]:
+    """"ce" | "kl" | "kl-cache-KIND-K" (KL from a cached teacher: kind, k) -> (loss, kind, k)."""
+    if method in ("ce", "kl"):
+        return method, None, None
+    parts = method.split("-")
+    if len(parts) == 4 and parts[:2] == ["kl", "cache"] and parts[2] in CACHE_KINDS and parts[3].isdigit():
+        return "kl", parts[2], int(parts[3])
+    if method == "kl-cache-full":
+        return "kl", "full", None
+    raise OlmoJaxError(f"unknown method {method!r}: ce, kl, kl-cache-full or kl-cache-KIND-K with KIND in "
+                       f"{[c for c in CACHE_KINDS if c != 'full']}")
+
+
+def _run_config(study: Study, method: str, steps=None, lr=None, seed=None):
+    """The study config for one training run of `method` (with its data seed): the tuned (lr,
+    steps) of its loss unless given."""
     cfg = study.config.copy_and_resolve_references()
-    cfg.train.loss = method
-    hp = study.chosen.get(method, {})
+    loss, kind, k = parse_method(method)
+    cfg.train.loss = loss
+    if kind is not None:
+        cfg.distill.source, cfg.distill.cache.kind, cfg.distill.cache.k = "cache", kind, k or 0
+    if seed is not None:
+        cfg.data.seed = seed
+    hp = study.chosen.get(loss, {})
     cfg.opt.lr = lr if lr is not None else hp.get("lr", cfg.opt.lr)
     cfg.train.steps = steps if steps is not None else hp.get("steps", cfg.train.steps)
     return cfg
@@ -153,11 +197,12 @@ def _run_config(study: Study, method: str, steps=None, lr=None):
 
 def _train_cost(cfg, batcher, student_cfg, teacher_cfg) -> tuple[int, float]:
     """(input tokens, training FLOPs) of a run: the student's train step on every token, plus the
-    teacher's forward for KL (`ModelConfig.flops_per_token`, at the mean row length)."""
+    teacher's forward for online KL (`ModelConfig.flops_per_token`, at the mean row length; a
+    cached teacher's forward was paid once, when its cache was built)."""
     tokens = int(sum(batcher.tokens_in_batch(s) for s in range(cfg.train.steps)))
     seq_len = int(round(float(np.mean(batcher.seq_lens))))
     flops = student_cfg.flops_per_token(seq_len, "train") * tokens
-    if cfg.train.loss == "kl":
+    if loss_config(cfg).needs_teacher:
         flops += teacher_cfg.flops_per_token(seq_len, "forward") * tokens
     return tokens, flops
 
@@ -167,7 +212,8 @@ def _train_cost(cfg, batcher, student_cfg, teacher_cfg) -> tuple[int, float]:
 def dense_stage(config, mesh, out: str) -> dict:
     model = _load(config.model.src, config, mesh)
     _save(model, out, meta={"source": model.source})
-    return {"source": model.source, "params": model.config.num_params()}
+    return {"source": model.source, "params": model.config.num_params(),
+            "fingerprint": params_fingerprint(model.config, model.param_dict())}
 
 
 def prune_stage(study: Study, criterion: str, ratio: float) -> tuple[str, dict]:
@@ -178,10 +224,10 @@ def prune_stage(study: Study, criterion: str, ratio: float) -> tuple[str, dict]:
         batches = None
         if criterion == "activation":
             batches = csqa_calibration(study)
-        pruned = prune_lib.prune(study.dense, ratio, criterion, mode=config.prune.mode,
+        dense = study.dense()
+        pruned = prune_lib.prune(dense, ratio, criterion, mode=config.prune.mode,
                                  multiple_of=config.prune.multiple_of, batches=batches)
-        pruned = pruned.with_params(place_params(pruned.config, pruned.param_dict(), study.mesh))
-        rep = prune_lib.report(study.dense.config, pruned.kept_neurons(), criterion=criterion, ratio=ratio,
+        rep = prune_lib.report(dense.config, pruned.kept_neurons(), criterion=criterion, ratio=ratio,
                                mode=config.prune.mode)
         _save(pruned, out, meta={"prune": rep})
         if pruned.neuron_mask is not None and is_primary():
@@ -192,8 +238,7 @@ def prune_stage(study: Study, criterion: str, ratio: float) -> tuple[str, dict]:
 
 
 def csqa_calibration(study: Study):
-    from train.data import calibration_batches
-    return calibration_batches(study.tokenizer, study.config.prune.calib_examples)
+    return csqa.calibration_batches(study.tokenizer, study.config.prune.calib_examples)
 
 
 def load_pruned(study: Study, name: str) -> Transformer:
@@ -223,8 +268,8 @@ def tune_stage(study: Study, criterion: str, ratio: float, method: str, lr: floa
             return {"heldout_acc": curve[str(step)]}
 
         cfg.train.eval_every = 1
-        recover(cfg, os.path.join(out, "train"), student, study.dense, study.tokenizer, mesh=study.mesh,
-                eval_fn=heldout)
+        recover(cfg, os.path.join(out, "train"), student, study.teacher() if method == "kl" else None,
+                study.tokenizer, mesh=study.mesh, eval_fn=heldout, donate_student=True)
         _remove_checkpoints(out)
         return {"method": method, "lr": lr, "heldout_acc": curve, "heldout_n": p.tune.limit or "all"}
 
@@ -246,39 +291,84 @@ def tuning(study: Study, criterion: str, ratio: float) -> dict:
 
 
 def train_stage(study: Study, criterion: str, ratio: float, method: str, *, train_examples=None, steps=None,
-                tag: str = "") -> dict:
+                tag: str = "", seed: int | None = None) -> dict:
     """One recovery run from the pruned model of (criterion, ratio), evaluated; its result row."""
     pname, _ = prune_stage(study, criterion, ratio)
     name = f"run-{criterion}-{ratio}-{method}{tag}"
+    cfg = _run_config(study, method, steps=steps, seed=seed)
+    cache = teacher_cache_stage(study, cfg, train_examples) if cfg.distill.source == "cache" else None
 
     def fn(out):
-        cfg = _run_config(study, method, steps=steps)
         resumed_from = _latest_checkpoint_step(os.path.join(out, "train", "checkpoints"))
+        batcher = make_train_batcher(cfg, study.tokenizer, train_examples=train_examples)
+        if cache is not None:  # the teacher's entries ride in the batch: no teacher is loaded
+            batcher = batcher.with_rows(attach_cache(batcher.rows, load_cache(cache["dir"], batcher.rows,
+                                                                              expect=cache["expect"])))
         t0 = time.perf_counter()
-        model = recover(cfg, os.path.join(out, "train"), load_pruned(study, pname), study.dense, study.tokenizer,
-                        mesh=study.mesh, train_examples=train_examples)
+        model = recover(cfg, os.path.join(out, "train"), load_pruned(study, pname),
+                        study.teacher() if loss_config(cfg).needs_teacher else None, study.tokenizer,
+                        mesh=study.mesh, batcher=batcher, donate_student=True)
         wall = time.perf_counter() - t0
         _save(model, out, meta={"method": method, "ratio": ratio, "criterion": criterion})
         if study.plan.export_hf:
             olmo_jax.api.save_params_pretrained(model.config, model.param_dict(), os.path.join(out, "hf"),
                                                 tokenizer_src=study.dense_path, overwrite=True)
-        batcher = make_train_batcher(cfg, study.tokenizer, train_examples=train_examples)
-        tokens, flops = _train_cost(cfg, batcher, model.config, study.dense.config)
+        tokens, flops = _train_cost(cfg, batcher, model.config, olmo_jax.load_config(study.dense_path))
         _remove_checkpoints(out)
-        return {"method": method, "ratio": ratio, "criterion": criterion, "steps": cfg.train.steps,
-                "lr": cfg.opt.lr, "train_examples": train_examples or cfg.data.train_examples,
+        return {"method": method, "ratio": ratio, "criterion": criterion, "tag": tag, "seed": cfg.data.seed,
+                "steps": cfg.train.steps, "lr": cfg.opt.lr, "train_examples": train_examples or cfg.data.train_examples,
+                "teacher_cache": None if cache is None else cache["summary"],
                 "train_wall_s": wall, "resumed_from_step": resumed_from, "input_tokens": tokens,
-                "train_flops": flops, "eval": _eval(study, model, out)}
+                "train_flops": flops, "step_shapes": [list(x) for x in step_shapes(batcher, 0, cfg.train.steps)],
+                "eval": _eval(study, model, out)}
 
     study.results["runs"][name] = study.stages.run(name, fn)
     return study.results["runs"][name]
+
+
+def teacher_fingerprint(study: Study) -> str:
+    """Which teacher a cache holds: the dense checkpoint's parameter fingerprint and the dtype the
+    teacher runs in (recorded by the dense stage, so a cached run never loads the teacher)."""
+    fp = study.stages.result("dense").get("fingerprint")
+    if fp is None:  # a dense stage written before fingerprints
+        dense = study.dense()
+        fp = params_fingerprint(dense.config, dense.param_dict())
+    return f"{fp}/{study.teacher_dtype}"
+
+
+def teacher_cache_stage(study: Study, cfg, train_examples) -> dict:
+    """The teacher's entries for every KL row `cfg` trains on (stage `cache-KIND-K-nN`): built once
+    (resumably, shard by shard) and shared by every run on the same rows, whatever its data order."""
+    c, kind = cfg.distill.cache, cfg.distill.cache.kind
+    k = None if kind == "full" else int(c.k)
+    temperature = cfg.distill.temperature if kind in TEMPERED_KINDS else None
+    expect = dict(kind=kind, k=k, temperature=temperature, seed=int(c.seed), teacher_fingerprint=teacher_fingerprint(study),
+                  dtype=c.dtype)
+    n = train_examples or cfg.data.train_examples or "all"
+    name = f"cache-{kind}{'' if k is None else f'-{k}'}-n{n}"
+
+    def fn(out):
+        rows = make_train_batcher(cfg, study.tokenizer, train_examples=train_examples).rows
+        teacher = study.teacher()
+        teacher_fn = model_teacher_fn(teacher.config, teacher.param_dict(), kind=kind, k=k, temperature=temperature,
+                                      chunk=cfg.distill.chunk or None)
+        t0 = time.perf_counter()
+        manifest = build_cache(os.path.join(out, "cache"), rows, teacher_fn, rows_per_shard=int(c.rows_per_shard),
+                               batch_size=cfg.eval.batch_size, **expect)
+        return {"kind": kind, "k": k, "rows": manifest["num_rows"], "file_bytes": manifest["file_bytes"],
+                "bytes_per_row": manifest["bytes_per_row"], "bytes_per_target": manifest["bytes_per_target"],
+                "build_s": time.perf_counter() - t0}
+
+    summary = study.stages.run(name, fn)
+    study.results.setdefault("caches", {})[name] = summary
+    return {"dir": os.path.join(study.stages.path(name), "cache"), "expect": expect, "summary": summary}
 
 
 # ---- the plan: stage groups in order ----------------------------------------------------------
 
 def eval_dense_stages(study: Study) -> None:
     if study.plan.eval_dense:
-        study.results["dense"] = study.stages.run("eval-dense", lambda out: _eval(study, study.dense, out))
+        study.results["dense"] = study.stages.run("eval-dense", lambda out: _eval(study, study.dense(), out))
 
 
 def tuning_stages(study: Study) -> None:
@@ -289,13 +379,22 @@ def tuning_stages(study: Study) -> None:
 
 
 def ratio_stages(study: Study) -> None:
-    """Every ratio with the main criterion: the pruned model and each method's recovery."""
-    crit = study.config.prune.criterion
+    """Every ratio with the main criterion: the pruned model and each method's recovery (once per
+    data seed in pipeline.seeds, tagged -sN when there are several)."""
+    crit, seeds = study.config.prune.criterion, tuple(study.plan.seeds) or (None,)
     for ratio in study.plan.ratios:
         pname, pres = prune_stage(study, crit, ratio)
         study.results["runs"][pname] = pres
-        for method in study.plan.methods:
-            train_stage(study, crit, ratio, method)
+        for seed in seeds:
+            for method in study.plan.methods:
+                train_stage(study, crit, ratio, method, seed=seed, tag=f"-s{seed}" if len(seeds) > 1 else "")
+
+
+def extra_method_stages(study: Study) -> None:
+    """pipeline.extra_methods, once each, at data_size_ratio and the first seed."""
+    p, crit, seeds = study.plan, study.config.prune.criterion, tuple(study.plan.seeds) or (None,)
+    for method in p.extra_methods:
+        train_stage(study, crit, p.data_size_ratio, method, seed=seeds[0], tag=f"-s{seeds[0]}" if len(seeds) > 1 else "")
 
 
 def criteria_stages(study: Study) -> None:
@@ -328,10 +427,27 @@ def equal_compute_stages(study: Study) -> None:
         train_stage(study, crit, focus, "ce", steps=steps, tag="-eqflops")
 
 
-PLAN = (eval_dense_stages, tuning_stages, ratio_stages, criteria_stages, data_size_stages, equal_compute_stages)
+PLAN = (eval_dense_stages, tuning_stages, ratio_stages, extra_method_stages, criteria_stages, data_size_stages,
+        equal_compute_stages)
 
 
 # ---- the study ----------------------------------------------------------------------------------
+
+def preflight(config, mesh, model_path: str) -> None:
+    """What can fail late, checked before the first stage runs: the model (its config.json), the
+    batch against the mesh, and every training row against the buckets (data.seq/tgt_buckets)."""
+    olmo_jax.load_config(model_path)
+    accum = config.train.grad_accum
+    if accum < 1 or config.data.batch_size % accum:
+        raise OlmoJaxError(f"data.batch_size {config.data.batch_size} is not divisible by train.grad_accum {accum}")
+    check_batch_divisible(config.data.batch_size // accum, mesh)
+    tokenizer = olmo_jax.load_tokenizer(model_path)
+    methods = tuple(config.pipeline.methods) + tuple(config.pipeline.extra_methods) + (config.train.loss,)
+    for loss in dict.fromkeys(parse_method(m)[0] for m in methods):
+        cfg = config.copy_and_resolve_references()
+        cfg.train.loss = loss
+        make_train_batcher(cfg, tokenizer)  # refuses a row longer than the largest bucket
+
 
 def open_study(config, workdir: str) -> Study:
     """Checks, multi-host start-up, the workdir, the dense model (stage `dense`) on the mesh."""
@@ -340,15 +456,16 @@ def open_study(config, workdir: str) -> Study:
         raise OlmoJaxError(f"workdir {workdir} is a URL; give a path every host sees (NFS, or the bucket "
                            f"mounted with gcsfuse): stage bookkeeping uses file renames")
     maybe_initialize(config.jax)
+    stages = Stages(workdir)
+    dense_path = os.path.join(stages.path("dense"), "model")
+    mesh = mesh_from_config(config.mesh)
+    preflight(config, mesh, dense_path if stages.result("dense") else config.model.src)
     os.makedirs(workdir, exist_ok=True)
     _check_workdir(config, workdir)
-    stages = Stages(workdir)
-    mesh = mesh_from_config(config.mesh)
     stages.run("dense", lambda out: dense_stage(config, mesh, out))
-    dense_path = os.path.join(stages.path("dense"), "model")
     return Study(config=config, mesh=mesh, stages=stages, dense_path=dense_path,
-                 dense=_load(dense_path, config, mesh), tokenizer=olmo_jax.load_tokenizer(dense_path),
-                 results={"config": config.to_dict(), "runs": {}})
+                 tokenizer=olmo_jax.load_tokenizer(dense_path), results={"config": config.to_dict(), "runs": {}},
+                 chosen={m: dict(hp) for m, hp in config.pipeline.hparams.to_dict().items()})
 
 
 def run_study(config, workdir: str) -> dict:

@@ -23,12 +23,10 @@ median/min/max seconds and tokens/s = B*T / median):
   forward        eval throughput: JAX jitted `model.forward` (full [B, T, V] float32 logits) vs
                  torch no-grad forward (full logits).
   decode         inference latency per generated token, dense vs `prune_ratio` MLP-pruned and
-                 compacted model. PyTorch: greedy KV-cached `model.generate` (prefill included)
-                 / new tokens. JAX (no KV cache in this repo): per token, one jitted forward over the
-                 fixed [1, P + new] buffer (padding masked by segment ids), logits at the last real
-                 position only, argmax, then a host round trip to append the token (as
-                 olmo_jax.generate.greedy does, minus its full-vocab logits at every position); the
-                 whole loop / new tokens, best of `decode_repeats` after one warm-up loop.
+                 compacted model, KV-cached greedy decoding with prefill included in both: PyTorch's
+                 `model.generate`, and ours (`olmo_jax.generate.generate`: prefill, then one jitted
+                 cached step per token in an on-device loop); the whole call / new tokens, best of
+                 `decode_repeats` after one warm-up call.
   prune          the JAX CE step on a `prune_ratio` MLP-pruned model, masked (dense shapes, pruned
                  weights zero, masked optimizer updates) vs compacted (intermediate size * (1 - r)):
                  both times, the speed-up masked/compact and the FLOP ratio dense/compact.
