@@ -219,6 +219,19 @@ def hf_tensors(cfg: ModelConfig, params: Params, dtype=None) -> Iterator[tuple[s
             yield e.hf.format(i=i), np.ascontiguousarray(x)
 
 
+def hf_shapes(cfg: ModelConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """(HF name, HF shape) in `hf_tensors` order, without touching any array: lets a writer lay out
+    a file (e.g. a GGUF header) before the tensors are gathered one by one."""
+    shapes = param_shapes(cfg)
+    for e in name_table(cfg):
+        ours = _get(shapes, e.path)
+        shape = tuple(ours[1:] if e.stacked else ours)
+        if e.transpose:
+            shape = shape[::-1]
+        for i in range(cfg.num_layers if e.stacked else 1):
+            yield e.hf.format(i=i), shape
+
+
 def write_safetensors(cfg: ModelConfig, params: Params, out_dir: str, *,
                       max_shard_bytes: int = 2 * 1024**3, dtype=None) -> None:
     """Writes model.safetensors, or numbered shards plus an index when above max_shard_bytes.
