@@ -31,6 +31,7 @@ import numpy as np
 from olmo_jax import distributed, hf_io
 from olmo_jax.assets import resolve
 from olmo_jax.config import ModelConfig, OlmoJaxError
+from olmo_jax.model import rope_inv_freq
 
 QType = gguf.GGMLQuantizationType
 QUANTS = {  # --quant name -> (type of the 2-D weights, GGUF file type)
@@ -160,6 +161,9 @@ def _write(path: str, cfg: ModelConfig, quant: str, specs: list[TensorSpec],
     add_tokenizer(writer)
     for spec in specs:  # tensor infos first: the header lists every tensor before the data
         writer.add_tensor_info(spec.name, spec.shape, np.dtype(np.float32), _nbytes(spec), raw_dtype=spec.qtype)
+    rope_freqs = rope_freq_factors(cfg)
+    if rope_freqs is not None:
+        writer.add_tensor_info(ROPE_FREQS, rope_freqs.shape, np.dtype(np.float32), rope_freqs.nbytes)
     writer.write_header_to_file(path)
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
@@ -168,7 +172,22 @@ def _write(path: str, cfg: ModelConfig, quant: str, specs: list[TensorSpec],
     for spec, (hf_name, x) in bar:
         assert hf_name == spec.hf_name, (hf_name, spec.hf_name)  # specs and tensors walk one table
         writer.write_tensor_data(gguf_array(x, spec))
+    if rope_freqs is not None:
+        writer.write_tensor_data(rope_freqs)
     writer.close()
+
+
+ROPE_FREQS = gguf.TENSOR_NAMES[T.ROPE_FREQS] + ".weight"
+
+
+def rope_freq_factors(cfg: ModelConfig) -> np.ndarray | None:
+    """Llama 3.x RoPE scaling as llama.cpp takes it: a `rope_freqs` tensor [E/2] that divides each
+    rotation frequency (our scaled inverse frequencies = the unscaled ones / these); None without scaling."""
+    if cfg.rope_type == "default":
+        return None
+    unscaled = cfg.replace(rope_type="default", rope_factor=None, rope_low_freq_factor=None,
+                           rope_high_freq_factor=None, rope_original_max_position_embeddings=None)
+    return np.asarray(rope_inv_freq(unscaled) / rope_inv_freq(cfg), np.float32)
 
 
 def _add_hparams(w: gguf.GGUFWriter, cfg: ModelConfig, file_type) -> None:

@@ -377,3 +377,36 @@ def test_real_quantised_top1_agreement(smollm2, tmp_path, ratio, quant, at_least
     rate = top1_agreement(model, edge.LlamaCpp(path, threads=THREADS), tok)
     print(f"SmolLM2 pruned {ratio:.0%} {quant}: llama.cpp top-1 agrees with our f32 model on {rate:.3f}")
     assert rate >= at_least
+
+
+@needs_llamacpp
+def test_llama3_rope_scaling_runs_in_llamacpp(tmp_path):
+    """Llama 3.x RoPE (rope_type llama3) leaves as llama.cpp's rope_freqs tensor: its log-probs equal
+    ours past original_max_position_embeddings, where the scaling matters (and without the tensor
+    they do not)."""
+    hf = tiny_hf_config("llama", layers=2, hidden=32, heads=4, kv_heads=2, head_dim=8, intermediate=64,
+                        vocab=49152, tied=True, rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                        "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+    hf.update(pad_token_id=2, bos_token_id=1, eos_token_id=2)
+    tm = torch_model(hf, 3)
+    with torch.no_grad():
+        for name, w in tm.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                w.mul_(SHARPEN)
+    tm.save_pretrained(str(tmp_path / "hf"))
+    _smollm2_tokenizer().save_pretrained(str(tmp_path / "hf"))
+    model = olmo_jax.from_pretrained(str(tmp_path / "hf"))
+    assert model.config.rope_type == "llama3"
+    path = olmo_jax.save_gguf(model, str(tmp_path / "m.gguf"), quant="f32")
+    assert gguf_export.ROPE_FREQS in {t.name for t in gguf.GGUFReader(path).tensors}
+    tok = olmo_jax.load_tokenizer(model.source)
+    ids = _ids(tok, " ".join(PROMPTS * 3))[:64]
+    assert len(ids) == 64
+    ours_TxV = _log_softmax(model, ids)
+    llm = edge.LlamaCpp(path, threads=THREADS, precise=True)
+    worst = 0.0
+    for n in (20, 40, 64):  # beyond 16 tokens: the scaled bands decide
+        theirs = llm.top_logprobs(ids[:n], 5)
+        if theirs is not None:
+            worst = max(worst, max(abs(lp - ours_TxV[n - 1][i]) for i, lp in theirs))
+    assert worst < 1e-4
