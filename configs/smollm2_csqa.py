@@ -53,6 +53,10 @@ def base() -> ConfigDict:
     # that method. Empty lrs = no tuning (opt.lr, train.steps).
     c.pipeline.tune = ConfigDict(dict(lrs=(), steps=(), limit=300))
     c.pipeline.hparams = ConfigDict()
+    # The edge stage: GGUF files of the dense and every recovered model, run in llama.cpp (file MB,
+    # prompt/generation tokens/s at each thread count, peak RSS) and scored again from the file.
+    c.pipeline.edge = ConfigDict(dict(enabled=False, quants=("f16", "q8_0", "q4_0"), threads=(1, 2),
+                                      gen_tokens=64, eval_limit=0))
     # compilation_cache_dir: JAX's persistent compilation cache (a relaunch, or the next run of the
     # same shapes, loads its programs instead of compiling them again); "" = off.
     c.jax = ConfigDict(dict(distributed=False, coordinator_address="", num_processes=1, process_id=0,
@@ -64,7 +68,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c = base()
     arg = arg or "demo"
     if arg == "demo":
-        pass
+        c.prune.multiple_of = 32  # widths llama.cpp's q8_0 / q4_0 blocks pack (1536 * 0.7 -> 1088)
+        c.pipeline.edge.enabled = True
     elif arg in ("ce", "kl"):
         c.train.loss = arg
     elif arg == "study":  # docs/RESULTS.md; sized for ~1 h on 2 CPU cores

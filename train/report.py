@@ -70,6 +70,8 @@ def markdown(results: dict) -> str:
         for name, c in results["caches"].items():
             lines.append(f"| {name} | {c['kind']} | {c['k'] or ''} | {c['rows']} | {c['file_bytes'] / 1e6:.1f} | "
                          f"{c['bytes_per_row']:.0f} | {c['build_s']:.0f} |")
+    if results.get("edge"):
+        lines.append(edge_markdown(results["edge"]))
     if results.get("speed"):
         lines.append(speed_markdown(results["speed"]))
     return "\n".join(lines) + "\n"
@@ -152,6 +154,26 @@ def step_speed(workdir: str) -> dict[str, dict]:
                          "median_tokens_per_s": float(np.median([r["tokens_per_s"] for r in recs])),
                          "loss_first": recs[0]["loss"], "loss_last": recs[-1]["loss"]}
     return out
+
+
+def edge_markdown(edge: dict) -> str:
+    threads = sorted({t for e in edge.values() for q in e["quants"] for t in q.get("llamacpp", {})}, key=int)
+    tps = lambda q, key: " / ".join(f"{q['llamacpp'][t][key]:.0f}" if t in q.get("llamacpp", {}) else "-" for t in threads)  # noqa: E731
+    lines = [f"\nOn the edge: llama.cpp (xllamacpp, CPU) tokens/s at {' / '.join(threads) or '-'} threads; accuracy of "
+             "the quantised file, read back and scored by our eval:\n",
+             "| model | width | quant | file MB | prompt tok/s | gen tok/s | peak RSS MB | acc_per_char |",
+             "|---|---|---|---|---|---|---|---|"]
+    for e in edge.values():
+        for q in e["quants"]:
+            if "error" in q:
+                lines.append(f"| {e['model_stage']} | {e['intermediate_size']} | {q['quant']} | {q['error']} | | | | |")
+                continue
+            rss = max((v["peak_rss_mb"] for v in q.get("llamacpp", {}).values()), default=None)
+            acc = q["eval"][q["eval"]["primary_metric"]] if "eval" in q else None
+            lines.append(f"| {e['model_stage']} | {e['intermediate_size']} | {q['quant']} | {q['file_mb']:.1f} | "
+                         f"{tps(q, 'prompt_tokens_per_s')} | {tps(q, 'gen_tokens_per_s')} | "
+                         f"{'-' if rss is None else f'{rss:.0f}'} | {'-' if acc is None else f'{acc:.4f}'} |")
+    return "\n".join(lines)
 
 
 def speed_markdown(speed: dict[str, dict]) -> str:

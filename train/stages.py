@@ -93,8 +93,9 @@ def collect(workdir: str) -> dict:
             results["runs"][name] = st.result(name)
     if st.result("tuning"):
         results["tuning"] = st.result("tuning")
-    caches = {n: st.result(n) for n in sorted(os.listdir(workdir)) if n.startswith("cache-") and st.result(n)}
-    if caches:
-        results["caches"] = caches
+    for key, prefix in (("caches", "cache-"), ("edge", "edge-")):
+        found = {n: st.result(n) for n in sorted(os.listdir(workdir)) if n.startswith(prefix) and st.result(n)}
+        if found:
+            results[key] = found
     results["comparisons"] = paired_comparisons(st, results["runs"])
     return results

@@ -30,6 +30,7 @@ from jax.sharding import Mesh
 
 import olmo_jax
 import prune as prune_lib
+from olmo_jax.edge import llamacpp_bench
 from olmo_jax import csqa, fsutil
 from olmo_jax.config import OlmoJaxError
 from olmo_jax.distributed import barrier, is_primary, maybe_initialize
@@ -140,13 +141,14 @@ def _save(model: Transformer, out: str, meta: dict | None = None):
     olmo_jax.save_checkpoint(model, os.path.join(out, "model"), meta=meta, overwrite=True)
 
 
-def _eval(study: Study, model: Transformer, out: str, *, split="validation", limit=None) -> dict:
+def _eval(study: Study, model: Transformer, out: str, *, split="validation", limit=None,
+          name: str = "eval.json") -> dict:
     config = study.config
     res = evaluate_params(model.config, model.param_dict(), study.tokenizer, config.eval.task, split=split,
                           limit=(config.eval.limit or None) if limit is None else limit,
                           batch_size=config.eval.batch_size, progress=config.train.progress)
     if is_primary():
-        fsutil.atomic_write_json(os.path.join(out, "eval.json"), res)
+        fsutil.atomic_write_json(os.path.join(out, name), res)
     return {k: v for k, v in res.items() if k != "predictions"}
 
 
@@ -364,6 +366,61 @@ def teacher_cache_stage(study: Study, cfg, train_examples) -> dict:
     return {"dir": os.path.join(study.stages.path(name), "cache"), "expect": expect, "summary": summary}
 
 
+EDGE_PROMPT = ("Question: The fox walked from the city into the forest, what was it looking for?\nAnswer: "
+               "natural habitat\n\nQuestion: Where would you put a plate after washing it?\nAnswer:")
+
+
+def edge_stage(study: Study, model_stage: str) -> dict:
+    """The model of `model_stage` on an edge device: a GGUF file per pipeline.edge.quants, its size,
+    llama.cpp's prompt and generation speed and peak RSS at each thread count, and the CSQA accuracy
+    of the quantised weights (read back through our GGUF loader, scored by our OLMES eval)."""
+    e = study.plan.edge
+
+    def fn(out):
+        model = _load(os.path.join(study.stages.path(model_stage), "model"), study.config, study.mesh)
+        rows = [edge_row(study, model, out, quant, tuple(e.threads)) for quant in e.quants]
+        return {"model_stage": model_stage, "intermediate_size": model.config.intermediate_size, "quants": rows}
+
+    name = f"edge-{model_stage}"
+    study.results.setdefault("edge", {})[name] = study.stages.run(name, fn)
+    return study.results["edge"][name]
+
+
+def edge_row(study: Study, model: Transformer, out: str, quant: str, threads: tuple[int, ...]) -> dict:
+    e = study.plan.edge
+    path = os.path.join(out, f"model-{quant}.gguf")
+    try:
+        olmo_jax.save_gguf(model, path, quant=quant, tokenizer_src=study.dense_path, overwrite=True)
+    except OlmoJaxError as err:  # e.g. a pruned width q8_0 cannot block: the row says why
+        return {"quant": quant, "error": str(err)}
+    row = {"quant": quant, "file_mb": os.path.getsize(path) / 1e6, "llamacpp": {}}
+    try:
+        for t in threads:
+            row["llamacpp"][str(t)] = llamacpp_bench(path, prompt=EDGE_PROMPT, n_gen=int(e.gen_tokens), threads=t)
+    except OlmoJaxError as err:  # llama.cpp not installed: sizes and accuracy still measured
+        if is_primary() and not row["llamacpp"]:
+            print(f"edge: {err}; llama.cpp speed columns skipped", flush=True)
+        row["llamacpp_error"] = str(err)
+    try:  # transformers' GGUF reader dequantises the file (it has no olmo2 GGUF reader)
+        back = olmo_jax.from_pretrained(path, dtype="float32", mesh=study.mesh)
+    except Exception as err:  # noqa: BLE001 - transformers raises several types; the row says which
+        row["eval_error"] = " ".join(str(err).split())[:300]
+        return row
+    row["eval"] = _eval(study, back, out, limit=e.eval_limit or None, name=f"eval-{quant}.json")
+    return row
+
+
+def edge_stages(study: Study) -> None:
+    """pipeline.edge.enabled: the dense model and every recovered model of the main criterion."""
+    if not study.plan.edge.enabled:
+        return
+    crit = study.config.prune.criterion
+    edge_stage(study, "dense")
+    for name, run in list(study.results["runs"].items()):
+        if name.startswith("run-") and run["criterion"] == crit:
+            edge_stage(study, name)
+
+
 # ---- the plan: stage groups in order ----------------------------------------------------------
 
 def eval_dense_stages(study: Study) -> None:
@@ -428,7 +485,7 @@ def equal_compute_stages(study: Study) -> None:
 
 
 PLAN = (eval_dense_stages, tuning_stages, ratio_stages, extra_method_stages, criteria_stages, data_size_stages,
-        equal_compute_stages)
+        equal_compute_stages, edge_stages)
 
 
 # ---- the study ----------------------------------------------------------------------------------
