@@ -69,29 +69,34 @@ def get_config(arg: str | None = None) -> ConfigDict:
     # starts; applied by `python -m train.bench` only. "" = all cores.
     c.cpu_affinity = ""
 
-    if arg == "tiny":
-        c.model = _model(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                         num_kv_heads=4, head_dim=16, max_position_embeddings=128)
-        c.batch_size, c.seq_len = 2, 32
-        c.steps, c.warmup = 2, 1
-        c.torch_compile = False
-        c.decode_prompt_len, c.decode_new_tokens, c.decode_repeats = 8, 4, 1
-        c.matmul_n = 256
-    elif arg == "gpu":
-        c.model = _model(vocab_size=100352, hidden_size=2048, intermediate_size=8192, num_layers=16,
-                         num_heads=16, num_kv_heads=16, head_dim=128, pad_token_id=100277,
-                         eos_token_id=100257, param_dtype="bfloat16", compute_dtype="bfloat16")
-        c.batch_size, c.seq_len = 4, 2048
-        c.steps, c.warmup = 5, 2
-        c.loss_chunk = 512      # [B, 512, V] float32 logits per chunk instead of [B, T, V]
-        c.torch_device = "cuda"
-        c.torch_compile = False  # opt-in (--config.torch_compile=True): its compile alone takes minutes
-        c.decode_prompt_len, c.decode_new_tokens = 128, 64
-        c.matmul_n = 8192
-        c.datasheet_peak_flops = 989e12  # H200 SXM bf16 dense tensor-core peak
-        # MaxText's single-GPU XLA flags: the latency-hiding scheduler, cuBLAS(Lt) GEMMs rather than
-        # Triton's, no command buffers, a high-priority stream for async work.
-        c.xla_flags = ("--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_triton_gemm=false "
-                       "--xla_gpu_enable_cublaslt=true --xla_gpu_enable_command_buffer= "
-                       "--xla_gpu_enable_highest_priority_async_stream=true")
+    {"tiny": _tiny, "gpu": _gpu}.get(arg, lambda c: None)(c)
     return c
+
+
+def _tiny(c: ConfigDict) -> None:
+    c.model = _model(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                     num_kv_heads=4, head_dim=16, max_position_embeddings=128)
+    c.batch_size, c.seq_len = 2, 32
+    c.steps, c.warmup = 2, 1
+    c.torch_compile = False
+    c.decode_prompt_len, c.decode_new_tokens, c.decode_repeats = 8, 4, 1
+    c.matmul_n = 256
+
+
+def _gpu(c: ConfigDict) -> None:
+    c.model = _model(vocab_size=100352, hidden_size=2048, intermediate_size=8192, num_layers=16,
+                     num_heads=16, num_kv_heads=16, head_dim=128, pad_token_id=100277,
+                     eos_token_id=100257, param_dtype="bfloat16", compute_dtype="bfloat16")
+    c.batch_size, c.seq_len = 4, 2048
+    c.steps, c.warmup = 5, 2
+    c.loss_chunk = 512      # [B, 512, V] float32 logits per chunk instead of [B, T, V]
+    c.torch_device = "cuda"
+    c.torch_compile = False  # opt-in (--config.torch_compile=True): its compile alone takes minutes
+    c.decode_prompt_len, c.decode_new_tokens = 128, 64
+    c.matmul_n = 8192
+    c.datasheet_peak_flops = 989e12  # H200 SXM bf16 dense tensor-core peak
+    # MaxText's single-GPU XLA flags: the latency-hiding scheduler, cuBLAS(Lt) GEMMs rather than
+    # Triton's, no command buffers, a high-priority stream for async work.
+    c.xla_flags = ("--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_triton_gemm=false "
+                   "--xla_gpu_enable_cublaslt=true --xla_gpu_enable_command_buffer= "
+                   "--xla_gpu_enable_highest_priority_async_stream=true")

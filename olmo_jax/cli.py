@@ -21,6 +21,8 @@ class Interrupted(Exception):
 
 @contextlib.contextmanager
 def user_errors():
+    """A CLI's body: user errors and interruptions as one line, library INFO logs off the console."""
+    _console_warnings_only()
     try:
         yield
     except OlmoJaxError as e:
@@ -52,7 +54,6 @@ class _WorkdirLogHandler(logging.FileHandler):
 def library_logs_to(path: str) -> None:
     """Python/absl log records of level INFO and above are appended to `path`; the console keeps
     only warnings and errors, unless the user asked for more with absl's `--verbosity` / `-v`."""
-    from absl import flags
     from absl import logging as absl_logging
 
     file_handler = _WorkdirLogHandler(path)
@@ -61,8 +62,14 @@ def library_logs_to(path: str) -> None:
     root = logging.getLogger()
     root.addHandler(file_handler)
     root.setLevel(min(root.level or logging.INFO, logging.INFO))
-    verbosity_given = flags.FLAGS.is_parsed() and flags.FLAGS["verbosity"].present
-    if not verbosity_given:
+    _console_warnings_only()
+
+
+def _console_warnings_only() -> None:
+    """The console (absl's handler) shows warnings and errors, unless --verbosity / -v was given."""
+    from absl import flags
+    from absl import logging as absl_logging
+    if not (flags.FLAGS.is_parsed() and flags.FLAGS["verbosity"].present):
         absl_logging.get_absl_handler().setLevel(logging.WARNING)
 
 
@@ -73,6 +80,16 @@ def study_run(workdir: str | None):
         if workdir and "://" not in workdir:
             library_logs_to(os.path.join(workdir, LOG_FILE))
         yield
+
+
+def define_run_flags() -> None:
+    """--config (configs/NAME.py[:variant], overridable: --config.opt.lr=...) and --workdir, for the
+    entry points that run a study (called by them: importing this module defines no flag)."""
+    from absl import flags
+    from ml_collections import config_flags
+    config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:variant]).", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Run directory; relaunch to resume.")
+    flags.mark_flags_as_required(["config", "workdir"])
 
 
 def print_primary(text: str) -> None:

@@ -68,18 +68,25 @@ def _replace_dir(tmp: str, path: str) -> None:
         os.rename(tmp, path)
 
 
-def atomic_write_text(path: str, text: str) -> None:
+@contextlib.contextmanager
+def atomic_file(path: str):
+    """Yields a temporary file name beside `path`; renamed onto `path` on success, removed on failure."""
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=os.path.dirname(path))
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
 
 
 def atomic_write_json(path: str, obj) -> None:

@@ -19,16 +19,14 @@ it at a higher precision than the rest (gguf's NumPy quantiser has no Q6_K).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from typing import Callable, NamedTuple
 
 import gguf
 import numpy as np
 
-from olmo_jax import distributed, hf_io
+from olmo_jax import distributed, fsutil, hf_io
 from olmo_jax.assets import resolve
 from olmo_jax.config import ModelConfig, OlmoJaxError
 from olmo_jax.model import rope_inv_freq
@@ -76,7 +74,7 @@ def save_gguf(model, path: str, *, quant: str = "f16", tokenizer_src: str | None
     add_tokenizer = tokenizer_metadata(src, cfg)  # every process reads it, so all fail alike
     tensors = hf_io.hf_tensors(cfg, model.param_dict())  # multi-host: each tensor is a collective
     if distributed.is_primary():
-        with _atomic_file(path) as tmp:
+        with fsutil.atomic_file(path) as tmp:
             _write(tmp, cfg, quant, specs, add_tokenizer, tensors, os.path.splitext(os.path.basename(path))[0])
     else:
         for _ in tensors:  # join every gather process 0 makes
@@ -205,21 +203,6 @@ def _add_hparams(w: gguf.GGUFWriter, cfg: ModelConfig, file_type) -> None:
     w.add_vocab_size(cfg.vocab_size)
     w.add_file_type(file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-
-
-@contextlib.contextmanager
-def _atomic_file(path: str):
-    """A temporary file beside `path`, renamed onto it on success and removed on any failure."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=os.path.dirname(path))
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 # ---- tokenizer -----------------------------------------------------------------------------------

@@ -6,14 +6,11 @@ Relaunching the same command resumes from the latest checkpoint in WORKDIR; SIGT
 checkpoint at the next step boundary and exits with code 75 (relaunch to continue).
 """
 from absl import app, flags
-from ml_collections import config_flags
 
 from olmo_jax import cli
 from train import study
 
-config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:variant]).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Run directory; relaunch to resume.")
-flags.mark_flags_as_required(["config", "workdir"])
+cli.define_run_flags()
 
 
 def main(argv):

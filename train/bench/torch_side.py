@@ -160,6 +160,17 @@ def _one_line(exc: BaseException) -> str:
 # benches
 
 
+def _adamw(model, *, lr, betas, eps, weight_decay, fused):
+    """torch AdamW with our no-decay rule (train.optim.is_decayed_path); (optimizer, its params)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if is_decayed_path(tuple(name.split("."))) else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt_kwargs = {} if fused is None else {"fused": fused}
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **opt_kwargs), decay + no_decay
+
+
 def torch_train_step_bench(model, batch_tokens: np.ndarray, *, steps: int = 5, warmup: int = 2,
                            lr: float = 1e-4, compile: bool = False, betas: tuple[float, float] = (0.9, 0.95),
                            eps: float = 1e-8, weight_decay: float = 0.0, grad_clip: float | None = 1.0,
@@ -176,14 +187,7 @@ def torch_train_step_bench(model, batch_tokens: np.ndarray, *, steps: int = 5, w
     device = _model_device(model)
     ids = _tokens(batch_tokens, device)
     model.train()
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if is_decayed_path(tuple(name.split("."))) else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    opt_kwargs = {} if fused is None else {"fused": fused}
-    opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **opt_kwargs)
-    params = decay + no_decay
+    opt, params = _adamw(model, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
 
     fwd = model
     if compile:
