@@ -6,7 +6,7 @@
     python -m train.pipeline --config=configs/smollm2_csqa.py:cache --workdir=runs/cache # docs/RESULTS.md
     python -m train.main --config=configs/smollm2_csqa.py:kl --workdir=runs/smol_kl      # one recovery run
 
-Variants (`:name`): demo (default) | study | tuned | cache | ce | kl. Override anything: `--config.opt.lr=1e-4`.
+Variants (`:name`): demo (default) | study | tuned | cache | cache_full | ce | kl. Override anything: `--config.opt.lr=1e-4`.
 """
 from ml_collections import ConfigDict
 
@@ -91,7 +91,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
         c.data.train_examples = 1000
         c.train.ckpt_every = 20
         c.eval.limit = 0
-    elif arg == "cache":  # docs/RESULTS.md part 3: CE vs online vs cached KL, 3 seeds; cache kinds, 1 seed
+    elif arg in ("cache", "cache_full"):  # docs/RESULTS.md part 3: CE vs online vs cached KL, 3 seeds; kinds, 1 seed
         c.pipeline.ratios = (0.3,)
         c.pipeline.methods = ("ce", "kl", "kl-cache-topk_tail-64")
         c.pipeline.seeds = (0, 1, 2)
@@ -102,6 +102,10 @@ def get_config(arg: str | None = None) -> ConfigDict:
         c.train.steps = 120  # longer than part 2 (40-80): what the cache saves, spent on training
         c.train.ckpt_every = 40
         c.eval.limit = 0
+        if arg == "cache_full":  # the same grid at full budget (one H200: scripts/h200.sh)
+            c.data.train_examples = 0  # all 9241 training questions
+            c.train.steps = 2 * (9241 // c.data.batch_size)  # two epochs
+            c.train.ckpt_every = 500
     else:
-        raise ValueError(f"unknown variant {arg!r}; choose demo | study | tuned | cache | ce | kl")
+        raise ValueError(f"unknown variant {arg!r}; choose demo | study | tuned | cache | cache_full | ce | kl")
     return c
