@@ -10,6 +10,8 @@ from configs.tiny import get_config
 from olmo_jax.config import OlmoJaxError
 from tests.hf_helpers import tiny_model_dir
 
+pytestmark = pytest.mark.slow  # the full tier only (README: test tiers)
+
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):

@@ -8,6 +8,8 @@ import pytest
 from configs.tiny import get_config
 from tests.hf_helpers import tiny_model_dir
 
+pytestmark = pytest.mark.slow  # the full tier only (README: test tiers)
+
 try:
     import xllamacpp  # noqa: F401
     HAVE_LLAMACPP = True

@@ -15,6 +15,8 @@ from train.eval.run import evaluate_params
 from train.eval.scoring import Item, score_items
 from train.bench.torch_ref import score_questions_torch
 
+pytestmark = pytest.mark.slow  # the full tier only (README: test tiers)
+
 N = 300
 
 

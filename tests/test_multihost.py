@@ -17,6 +17,8 @@ import pytest
 from olmo_jax.sharding import place_params
 from tests import multihost_worker as W
 
+pytestmark = pytest.mark.slow  # the full tier only (README: test tiers)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 

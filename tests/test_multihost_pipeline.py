@@ -16,6 +16,8 @@ import pytest
 
 from tests.hf_helpers import tiny_model_dir
 
+pytestmark = pytest.mark.slow  # the full tier only (README: test tiers)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Compile time dominates on 2 cores: every process uses XLA's cheap CPU settings (the same in all,
 # so the single-process reference compiles the same programs).

@@ -12,6 +12,8 @@ from tests.hf_helpers import tiny_model_dir
 from train.stages import Stages
 from train.study import run_study
 
+pytestmark = pytest.mark.slow  # the full tier only (README: test tiers)
+
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):

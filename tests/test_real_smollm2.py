@@ -10,6 +10,8 @@ import olmo_jax
 from olmo_jax.assets import smollm2_gguf_path
 from olmo_jax.generate import greedy
 
+pytestmark = pytest.mark.slow  # the full tier only (README: test tiers)
+
 PROMPTS = [
     "Question: Where would you put a plate after washing it?\nAnswer:",
     "The capital of France is",

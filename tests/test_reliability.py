@@ -35,7 +35,8 @@ ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX
 
 # A failed Orbax restore leaves TensorStore reads in flight; their late callbacks raise in asyncio
 # and Python reports them as unraisable (harmless, see docs/RELIABILITY.md).
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+pytestmark = [pytest.mark.slow,  # subprocesses, killed runs: the full tier only
+              pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
 
 
 # ---- helpers -----------------------------------------------------------------------------------

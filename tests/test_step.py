@@ -146,3 +146,14 @@ def test_bad_values_give_clear_errors():
         split_micro_batches(batch("ce", n=6), 4)
     with pytest.raises(OlmoJaxError, match="needs a teacher"):
         make_train_step(tiny(), build_optimizer(OPT, 10), LossConfig(kind="kl"))
+
+
+@pytest.mark.parametrize("kw, msg", [(dict(temperature=0.0), "distill temperature must be > 0"),
+                                     (dict(alpha=1.5), "distill alpha must be in"),
+                                     (dict(kind="kl", source="disk"), "distill.source must be one of"),
+                                     (dict(kind="kl", source="cache", cache_kind="top"), "distill.cache.kind"),
+                                     (dict(kind="kl", source="cache", reverse=True), "forward KL only")])
+def test_loss_config_refuses_bad_values(kw, msg):
+    with pytest.raises(OlmoJaxError, match=msg):
+        LossConfig(**kw)
+    assert LossConfig(kind="kl", source="cache").needs_teacher is False and LossConfig(kind="kl").needs_teacher

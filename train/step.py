@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from olmo_jax.attention import kernel_mesh
 from olmo_jax.config import ModelConfig, OlmoJaxError
 from olmo_jax.model import gather_positions, head_weight, hidden_states
-from olmo_jax.sharding import BATCH, place_params
+from olmo_jax.sharding import BATCH
 from prune.masks import masked_updates
 from train import losses
 from train.optim import make_optimizer
@@ -53,14 +53,14 @@ class LossConfig:
                 raise OlmoJaxError(f"distill.cache.kind must be one of {losses.CACHE_KINDS}, got {self.cache_kind!r}")
             if self.reverse or self.alpha > 0:
                 raise OlmoJaxError("a cached teacher gives the forward KL only (distill.reverse=False, alpha=0)")
-
-    @property
-    def needs_teacher(self) -> bool:
-        return self.kind == "kl" and self.source == "online"
         if not self.temperature > 0:
             raise OlmoJaxError(f"distill temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.alpha <= 1.0:
             raise OlmoJaxError(f"distill alpha must be in [0, 1], got {self.alpha}")
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.kind == "kl" and self.source == "online"
 
 
 def _targets(cfg, params, mb, remat, attention_impl):

@@ -129,7 +129,8 @@ class Bench:
     def jax_train(self, params, cfg: ModelConfig | None = None, **kw) -> dict:
         c = self.c
         return js.jax_train_bench(cfg or self.cfg, params, self.batch, steps=int(c.steps), warmup=int(c.warmup),
-                                  chunk=int(c.loss_chunk) or None, remat=c.remat, lr=c.lr, **kw)
+                                  chunk=int(c.loss_chunk) or None, remat=c.remat, lr=c.lr,
+                                  attention_impl=c.attention_impl, **kw)
 
     def compact(self) -> Transformer:
         """The `prune_ratio` L2-pruned, compacted model (built once, for the prune and decode sections)."""

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
+from olmo_jax.attention import resolve_attention_impl
 from olmo_jax.config import ModelConfig
 from olmo_jax.generate import generate
 from olmo_jax.model import Transformer, forward
@@ -45,7 +46,7 @@ def jax_batch(tokens_BxT: np.ndarray) -> dict[str, np.ndarray]:
 
 def jax_train_bench(cfg: ModelConfig, params, batch: dict[str, np.ndarray], *, loss: str = "ce",
                     teacher=None, neuron_mask=None, steps: int = 5, warmup: int = 2, chunk: int | None = None,
-                    remat: bool = False, lr: float = 1e-4) -> dict[str, Any]:
+                    remat: bool = False, lr: float = 1e-4, attention_impl: str = "xla") -> dict[str, Any]:
     """Times the jitted train step (train.step) on one device; `teacher` (params, same config) for kl.
 
     The first call compiles: at least one warm-up step always runs, and the first call's wall time is
@@ -57,7 +58,7 @@ def jax_train_bench(cfg: ModelConfig, params, batch: dict[str, np.ndarray], *, l
     state = init_state(place_params(cfg, params, mesh), opt, mesh)
     tparams = None if teacher is None else place_params(cfg, teacher, mesh)
     fn = make_train_step(cfg, opt, LossConfig(kind=loss, chunk=chunk), teacher_cfg=None if teacher is None else cfg,
-                         remat=remat)
+                         remat=remat, attention_impl=resolve_attention_impl(attention_impl, branched=False))
     mb = split_micro_batches(batch, 1)
     step = jit_train_step(fn, mesh, state, tparams, mb)
     mb = jax.device_put(mb, batch_shardings(mesh, mb))
