@@ -1,16 +1,19 @@
 """OLMo-2 SFT models on TPU pods / GPUs: prune MLP neurons, recover with CE (L2PFT) or KL (L2PSD).
 
+    # first, on any CPU host: does every program fit the hardware? (docs/ACCELERATORS.md)
+    python -m train.aot --config=configs/olmo2.py:7b,v5p-64
+
     # one host (one H200, or one TPU VM host such as v5p-8 / v6e-8): one process, all local devices
-    python -m train.pipeline --config=configs/olmo2.py:7b,h200 --workdir=/data/runs/olmo2-7b \
-        --config.model.src=/data/OLMo-2-1124-7B-SFT
+    python -m train.pipeline --config=configs/olmo2.py:1b,h200 --workdir=/data/runs/olmo2-1b \
+        --config.model.src=/data/OLMo-2-0425-1B-SFT
 
     # a multi-host TPU slice: the same command on every host (jax.distributed auto-detects the pod)
     gcloud compute tpus tpu-vm ssh NAME --zone=ZONE --worker=all --command="cd olmo-jax && \
         python -m train.pipeline --config=configs/olmo2.py:7b,v5p-64 --workdir=/mnt/gcs/olmo2-7b \
         --config.model.src=/mnt/gcs/OLMo-2-1124-7B-SFT --config.jax.distributed=True"
 
-Variants: 1b | 7b (default) | 13b | 32b, optionally with a hardware suffix: `7b,h200`, `7b,v5p-64`,
-`32b,v6e-256`. Multi-host: every process runs every stage on the global mesh; the workdir and the
+Variants: 1b | 7b (default) | 13b | 32b, optionally with a hardware suffix: `1b,h200`, `7b,v5p-64`,
+`32b,v6e-256`, `13b,v5p-512`. Multi-host: every process runs every stage on the global mesh; the workdir and the
 model must be the same POSIX path on every host (NFS/Filestore, or the bucket mounted with gcsfuse;
 `gs://` URLs are refused). On GPU clusters without auto-detection add
 `--config.jax.coordinator_address=HOST:PORT --config.jax.num_processes=N --config.jax.process_id=I`.
@@ -52,7 +55,9 @@ HF_CONFIGS = {
 # train.grad_accum questions) is split over data x fsdp, so that product must divide it: on 256
 # chips, tensor=4 keeps it at 64 (one question per FSDP group and micro-batch).
 HARDWARE = {
-    "h200": dict(chips=1, mesh=dict(data=1, fsdp=1, tensor=1), sizes=("1b", "7b")),  # 13B+ exceed 141 GB
+    # 7B on one H200 needs 149-174 GiB for its train steps by the host-CPU compile (AdamW state alone
+    # is ~80 GB): the 7B presets are TPU slices (docs/ACCELERATORS.md)
+    "h200": dict(chips=1, mesh=dict(data=1, fsdp=1, tensor=1), sizes=("1b",)),
     "v5p-64": dict(chips=32, mesh=dict(data=1, fsdp=-1, tensor=1), sizes=("1b", "7b", "13b", "32b")),
     "v6e-256": dict(chips=256, mesh=dict(data=1, fsdp=-1, tensor=4), sizes=("1b", "7b", "13b", "32b")),
     "v5p-512": dict(chips=256, mesh=dict(data=1, fsdp=-1, tensor=4), sizes=("1b", "7b", "13b", "32b")),

@@ -41,8 +41,11 @@ def test_olmo2_1b_shapes_fit_a_v5p_8_and_the_report_says_so(tmp_path):
     assert progs["ce_step"]["attention"] == "splash" and progs["kl_step"]["attention"] == "xla"
     # sharded FSDP over 4 chips: the KL step's arguments (student state + teacher) are ~1/4 of the whole
     assert progs["kl_step"]["flops"] > progs["ce_step"]["flops"] > 0
+    assert progs["kl_step"]["flops"] == pytest.approx(progs["kl_step"]["model_flops"] / 4)
     assert progs["kl_step"]["step_time_lower_bound_s"] == pytest.approx(
         progs["kl_step"]["flops"] / hardware.CHIPS["v5p"].peak_flops)
+    # the compiler counts the layer scan's body once: its figure is far below the formula's
+    assert 0 < progs["kl_step"]["compiler_flops_loop_bodies_once"] < progs["kl_step"]["flops"]
     assert "| kl_step | xla |" in r.stdout
 
 
