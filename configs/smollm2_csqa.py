@@ -68,8 +68,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c = base()
     arg = arg or "demo"
     if arg == "demo":
-        c.prune.multiple_of = 32  # widths llama.cpp's q8_0 / q4_0 blocks pack (1536 * 0.7 -> 1088)
-        c.pipeline.edge.enabled = True
+        c.pipeline.edge.enabled = True  # q8_0 / q4_0 pad the 1075-wide MLP to 1088 with zero neurons
     elif arg in ("ce", "kl"):
         c.train.loss = arg
     elif arg == "study":  # docs/RESULTS.md; sized for ~1 h on 2 CPU cores

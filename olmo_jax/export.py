@@ -39,7 +39,7 @@ def main(argv):
         check_flags()
         cfg = olmo_jax.load_config(FLAGS.src)
         if FLAGS.format == "gguf":
-            tensor_specs(cfg, FLAGS.quant)  # e.g. a pruned width q8_0 cannot pack: say so before loading
+            tensor_specs(cfg, FLAGS.quant)  # an architecture GGUF has no names for: say so before loading
         model = olmo_jax.from_pretrained(FLAGS.src, dtype=cfg.param_dtype)
         if FLAGS.format == "gguf":
             olmo_jax.save_gguf(model, FLAGS.out, quant=FLAGS.quant, overwrite=FLAGS.overwrite)

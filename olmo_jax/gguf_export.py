@@ -13,7 +13,10 @@ Architectures (as llama.cpp's own converter writes them):
          post_attention_norm and post_ffw_norm.
 
 Types: 1-D tensors (norms) stay F32. `quant` applies to 2-D weights; Q8_0 / Q4_0 pack rows in blocks
-of 32, so a pruned MLP width (the rows of ffn_down) must be a multiple of 32. Under q4_0 the tensor
+of 32, so a pruned MLP width that is no multiple of 32 (the rows of ffn_down) is widened to the next
+one with zero neurons: a zero gate row gives silu(0) * up = 0 and a zero ffn_down column adds
+nothing, so the padded MLP computes the same function (llama.cpp's converter has no such case: HF
+widths are whole blocks). Under q4_0 the tensor
 that produces the logits (output, or token_embd when tied) is kept at Q8_0, as llama-quantize keeps
 it at a higher precision than the rest (gguf's NumPy quantiser has no Q6_K).
 """
@@ -64,7 +67,8 @@ def save_gguf(model, path: str, *, quant: str = "f16", tokenizer_src: str | None
     writes.
     """
     cfg = model.config
-    specs = tensor_specs(cfg, quant)  # validates quant and widths before any work
+    packed = packed_config(cfg, quant)  # validates quant before any work
+    specs = tensor_specs(packed, quant)
     path = os.path.abspath(path)
     if os.path.exists(path) and not overwrite:
         raise OlmoJaxError(f"output path {path} already exists (pass overwrite to replace it)")
@@ -75,7 +79,7 @@ def save_gguf(model, path: str, *, quant: str = "f16", tokenizer_src: str | None
     tensors = hf_io.hf_tensors(cfg, model.param_dict())  # multi-host: each tensor is a collective
     if distributed.is_primary():
         with fsutil.atomic_file(path) as tmp:
-            _write(tmp, cfg, quant, specs, add_tokenizer, tensors, os.path.splitext(os.path.basename(path))[0])
+            _write(tmp, packed, quant, specs, add_tokenizer, tensors, os.path.splitext(os.path.basename(path))[0])
     else:
         for _ in tensors:  # join every gather process 0 makes
             pass
@@ -85,17 +89,22 @@ def save_gguf(model, path: str, *, quant: str = "f16", tokenizer_src: str | None
 
 # ---- tensors -------------------------------------------------------------------------------------
 
+def packed_config(cfg: ModelConfig, quant: str) -> ModelConfig:
+    """The config the file describes: under a blocked quant the MLP width rounded up to whole
+    blocks (the extra neurons are zero, see the module docstring); `cfg` itself otherwise."""
+    if quant not in QUANTS:
+        raise OlmoJaxError(f"unknown quant {quant!r}; choose one of {', '.join(QUANTS)}")
+    if not _is_blocked(QUANTS[quant][0]) or cfg.intermediate_size % BLOCK_SIZE == 0:
+        return cfg
+    return cfg.replace(intermediate_size=-(-cfg.intermediate_size // BLOCK_SIZE) * BLOCK_SIZE)
+
+
 def tensor_specs(cfg: ModelConfig, quant: str) -> list[TensorSpec]:
     """The GGUF name, shape and type of every tensor, in `hf_io.hf_tensors` order."""
     if quant not in QUANTS:
         raise OlmoJaxError(f"unknown quant {quant!r}; choose one of {', '.join(QUANTS)}")
     if cfg.arch not in ARCHS:
         raise OlmoJaxError(f"no GGUF architecture for {cfg.arch!r}; supported: {sorted(ARCHS)}")
-    weight_type = QUANTS[quant][0]
-    if _is_blocked(weight_type) and cfg.intermediate_size % BLOCK_SIZE:
-        raise OlmoJaxError(
-            f"{quant} needs the MLP width to be a multiple of {BLOCK_SIZE}, got intermediate_size="
-            f"{cfg.intermediate_size}: prune with prune.multiple_of={BLOCK_SIZE} (--multiple_of={BLOCK_SIZE})")
     names = gguf.get_tensor_name_map(ARCHS[cfg.arch], cfg.num_layers)
     specs = []
     for hf_name, shape in hf_io.hf_shapes(cfg):
@@ -114,7 +123,7 @@ def _tensor_type(cfg: ModelConfig, kind, shape, quant: str) -> QType:
     if len(shape) == 1:
         return QType.F32  # norms: tiny, and llama.cpp computes them in F32
     if _is_blocked(weight_type) and shape[-1] % BLOCK_SIZE:
-        return QType.F16  # a row that is no whole number of blocks (not the MLP width, checked above)
+        return QType.F16  # a row that is no whole number of blocks (not the MLP width: padded)
     logits_kind = T.TOKEN_EMBD if cfg.tie_word_embeddings else T.OUTPUT
     if quant == "q4_0" and kind == logits_kind:
         return QType.Q8_0
@@ -136,8 +145,11 @@ def interleave_rope_rows(w_RxC: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def gguf_array(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
-    """One HF-layout host array -> the bytes (or floats) the GGUF file stores for it."""
+    """One HF-layout host array -> the bytes (or floats) the GGUF file stores for it; zero-padded
+    up to `spec.shape` (an MLP widened to whole blocks)."""
     x32 = np.asarray(x, np.float32)  # bf16 params widen exactly
+    if x32.shape != spec.shape:
+        x32 = np.pad(x32, [(0, want - have) for have, want in zip(x32.shape, spec.shape)])
     if spec.rope_heads:
         x32 = interleave_rope_rows(x32, spec.rope_heads)
     return gguf.quants.quantize(np.ascontiguousarray(x32), spec.qtype)
