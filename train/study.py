@@ -391,7 +391,7 @@ def edge_row(study: Study, model: Transformer, out: str, quant: str, threads: tu
     path = os.path.join(out, f"model-{quant}.gguf")
     try:
         olmo_jax.save_gguf(model, path, quant=quant, tokenizer_src=study.dense_path, overwrite=True)
-    except OlmoJaxError as err:  # e.g. a pruned width q8_0 cannot block: the row says why
+    except OlmoJaxError as err:  # e.g. an architecture GGUF has no names for: the row says why
         return {"quant": quant, "error": str(err)}
     row = {"quant": quant, "file_mb": os.path.getsize(path) / 1e6, "llamacpp": {}}
     try:
