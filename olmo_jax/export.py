@@ -10,7 +10,7 @@ from absl import app, flags
 import olmo_jax
 from olmo_jax.cli import user_errors
 from olmo_jax.config import OlmoJaxError
-from olmo_jax.gguf_export import QUANTS, tensor_specs
+from olmo_jax.gguf_export import QUANTS, packed_config, tensor_specs
 
 FORMATS = ("hf", "gguf")
 
@@ -19,6 +19,8 @@ flags.DEFINE_string("out", None, "Output HF directory, or .gguf file with --form
 flags.DEFINE_string("format", "hf", f"Output format: {' | '.join(FORMATS)}.")
 flags.DEFINE_string("quant", "f16", f"GGUF weight type: {' | '.join(QUANTS)} (--format=gguf only).")
 flags.DEFINE_integer("max_shard_mb", 2048, "Split safetensors into shards above this size (--format=hf).")
+flags.DEFINE_bool("pad_mlp", True, "GGUF q8_0/q4_0: pad an MLP width that is no multiple of 32 with zero "
+                  "neurons (the same function); --nopad_mlp refuses such a width instead.")
 flags.DEFINE_bool("overwrite", False, "Replace an existing output.")
 FLAGS = flags.FLAGS
 
@@ -39,10 +41,11 @@ def main(argv):
         check_flags()
         cfg = olmo_jax.load_config(FLAGS.src)
         if FLAGS.format == "gguf":
-            tensor_specs(cfg, FLAGS.quant)  # an architecture GGUF has no names for: say so before loading
+            # an unpackable width (--nopad_mlp) or an architecture GGUF has no names for: say so before loading
+            tensor_specs(packed_config(cfg, FLAGS.quant, pad_mlp=FLAGS.pad_mlp), FLAGS.quant)
         model = olmo_jax.from_pretrained(FLAGS.src, dtype=cfg.param_dtype)
         if FLAGS.format == "gguf":
-            olmo_jax.save_gguf(model, FLAGS.out, quant=FLAGS.quant, overwrite=FLAGS.overwrite)
+            olmo_jax.save_gguf(model, FLAGS.out, quant=FLAGS.quant, overwrite=FLAGS.overwrite, pad_mlp=FLAGS.pad_mlp)
         else:
             olmo_jax.save_pretrained(model, FLAGS.out, max_shard_bytes=FLAGS.max_shard_mb * 2**20,
                                      overwrite=FLAGS.overwrite)

@@ -16,7 +16,7 @@ Types: 1-D tensors (norms) stay F32. `quant` applies to 2-D weights; Q8_0 / Q4_0
 of 32, so a pruned MLP width that is no multiple of 32 (the rows of ffn_down) is widened to the next
 one with zero neurons: a zero gate row gives silu(0) * up = 0 and a zero ffn_down column adds
 nothing, so the padded MLP computes the same function (llama.cpp's converter has no such case: HF
-widths are whole blocks). Under q4_0 the tensor
+widths are whole blocks; `pad_mlp=False` refuses such a width instead). Under q4_0 the tensor
 that produces the logits (output, or token_embd when tied) is kept at Q8_0, as llama-quantize keeps
 it at a higher precision than the rest (gguf's NumPy quantiser has no Q6_K).
 """
@@ -56,10 +56,12 @@ class TensorSpec(NamedTuple):
 
 
 def save_gguf(model, path: str, *, quant: str = "f16", tokenizer_src: str | None = None,
-              overwrite: bool = False) -> str:
+              overwrite: bool = False, pad_mlp: bool = True) -> str:
     """Writes `model` (an olmo_jax `Transformer`) as one GGUF file llama.cpp loads; returns `path`.
 
     quant: f32 | f16 | bf16 | q8_0 | q4_0.
+    pad_mlp: under q8_0 / q4_0, store an MLP width that is no multiple of 32 padded with zero
+      neurons (the same function; module docstring); False: refuse it (one error line).
     tokenizer_src: where the tokenizer lives (an HF or olmo_jax directory, or a .gguf whose
       tokenizer.* fields are copied); default `model.source`.
     Atomic (a temporary file beside `path`, then a rename); an existing `path` is refused unless
@@ -67,7 +69,7 @@ def save_gguf(model, path: str, *, quant: str = "f16", tokenizer_src: str | None
     writes.
     """
     cfg = model.config
-    packed = packed_config(cfg, quant)  # validates quant before any work
+    packed = packed_config(cfg, quant, pad_mlp=pad_mlp)  # validates quant and width before any work
     specs = tensor_specs(packed, quant)
     path = os.path.abspath(path)
     if os.path.exists(path) and not overwrite:
@@ -89,13 +91,18 @@ def save_gguf(model, path: str, *, quant: str = "f16", tokenizer_src: str | None
 
 # ---- tensors -------------------------------------------------------------------------------------
 
-def packed_config(cfg: ModelConfig, quant: str) -> ModelConfig:
+def packed_config(cfg: ModelConfig, quant: str, *, pad_mlp: bool = True) -> ModelConfig:
     """The config the file describes: under a blocked quant the MLP width rounded up to whole
     blocks (the extra neurons are zero, see the module docstring); `cfg` itself otherwise."""
     if quant not in QUANTS:
         raise OlmoJaxError(f"unknown quant {quant!r}; choose one of {', '.join(QUANTS)}")
     if not _is_blocked(QUANTS[quant][0]) or cfg.intermediate_size % BLOCK_SIZE == 0:
         return cfg
+    if not pad_mlp:
+        raise OlmoJaxError(
+            f"{quant} needs the MLP width to be a multiple of {BLOCK_SIZE}, got intermediate_size="
+            f"{cfg.intermediate_size}: prune with prune.multiple_of={BLOCK_SIZE} (--multiple_of={BLOCK_SIZE}), "
+            f"or let the export pad it with zero neurons")
     return cfg.replace(intermediate_size=-(-cfg.intermediate_size // BLOCK_SIZE) * BLOCK_SIZE)
 
 

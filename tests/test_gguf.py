@@ -280,6 +280,19 @@ def test_width_not_multiple_of_32_is_padded_with_zero_neurons(narrow, tmp_path, 
         assert len(edge.LlamaCpp(path, threads=THREADS).generate(ids, 4)) == 4
 
 
+@pytest.mark.parametrize("quant", ["q8_0", "q4_0"])
+def test_width_not_multiple_of_32_without_padding_is_one_line(narrow, tmp_path, quant):
+    path = str(tmp_path / "m.gguf")
+    with pytest.raises(OlmoJaxError) as e:
+        olmo_jax.save_gguf(narrow, path, quant=quant, pad_mlp=False)
+    assert str(e.value) == (f"{quant} needs the MLP width to be a multiple of 32, got intermediate_size=40: "
+                            "prune with prune.multiple_of=32 (--multiple_of=32), or let the export pad it "
+                            "with zero neurons")
+    assert not os.path.exists(path)
+    olmo_jax.save_gguf(narrow, path, quant="f16", pad_mlp=False)  # float types take any width
+    assert gguf.GGUFReader(path).fields["llama.feed_forward_length"].contents() == 40
+
+
 def test_unknown_quant_and_missing_tokenizer(tiny_llama, tmp_path):
     model, _, _ = tiny_llama
     with pytest.raises(OlmoJaxError, match="unknown quant 'q5_k'; choose one of f32, f16, bf16, q8_0, q4_0"):
