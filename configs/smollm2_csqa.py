@@ -94,8 +94,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
         c.pipeline.ratios = (0.3,)
         c.pipeline.methods = ("ce", "kl", "kl-cache-topk_tail-64")
         c.pipeline.seeds = (0, 1, 2)
-        c.pipeline.extra_methods = ("kl-cache-topk-8", "kl-cache-topk-64", "kl-cache-topk_tail-8",
-                                    "kl-cache-sampled-8", "kl-cache-sampled-64")
+        c.pipeline.extra_methods = ("kl-cache-topk-64", "kl-cache-sampled-64", "kl-cache-topk-8",
+                                    "kl-cache-sampled-8", "kl-cache-topk_tail-8")
         c.pipeline.hparams = ConfigDict({"ce": {"lr": 5e-5}, "kl": {"lr": 1.5e-4}})  # part 2's tuned lrs
         c.data.train_examples = 1000
         c.train.steps = 120  # longer than part 2 (40-80): what the cache saves, spent on training
