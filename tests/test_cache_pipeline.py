@@ -1,7 +1,9 @@
 """KL from a cached teacher in the pipeline: a `full` cache trains exactly like the online teacher,
 the cached runs never load the teacher, and a stale cache is refused (tiny random model)."""
+import gc
 import json
 import os
+import weakref
 
 import numpy as np
 import pytest
@@ -22,7 +24,18 @@ def finished(tmp_path_factory):
     config.pipeline.data_sizes = ()
     config.pipeline.eval_dense = False
     teacher_calls, running = [], []
-    orig_teacher, orig_run = S.Study.teacher, S.Stages.run
+    orig_teacher, orig_run, orig_model, orig_recover = S.Study.teacher, S.Stages.run, S.Study._model, S.recover
+    dense_models, dense_alive = [], {}
+
+    def loading(self, dtype):  # every dense copy the study holds, by weak reference
+        model = orig_model(self, dtype)
+        dense_models.append(weakref.ref(model))
+        return model
+
+    def recording(*args, **kwargs):  # is any dense copy still alive when a run starts training?
+        gc.collect()
+        dense_alive[running[-1]] = any(ref() is not None for ref in dense_models)
+        return orig_recover(*args, **kwargs)
 
     def counting(self):  # which stage asked for the teacher
         teacher_calls.append(running[-1] if running else None)
@@ -35,12 +48,12 @@ def finished(tmp_path_factory):
         finally:
             running.pop()
 
-    S.Study.teacher, S.Stages.run = counting, tracked
+    S.Study.teacher, S.Stages.run, S.Study._model, S.recover = counting, tracked, loading, recording
     try:
         results = S.run_study(config, str(base / "work"))
     finally:
-        S.Study.teacher, S.Stages.run = orig_teacher, orig_run
-    return config, str(base / "work"), results, teacher_calls
+        S.Study.teacher, S.Stages.run, S.Study._model, S.recover = orig_teacher, orig_run, orig_model, orig_recover
+    return config, str(base / "work"), results, (teacher_calls, dense_alive)
 
 
 def _losses(workdir, run):
@@ -58,9 +71,12 @@ def test_full_cache_trains_like_the_online_teacher(finished):
 
 
 def test_cached_runs_load_no_teacher_and_report_their_cache(finished):
-    _, workdir, results, teacher_calls = finished
+    _, workdir, results, (teacher_calls, dense_alive) = finished
     # the teacher is loaded for the online run and to build each cache, never inside a cached run
     assert set(teacher_calls) == {"run-l2-0.5-kl", "cache-full-n32", "cache-topk_tail-16-n32"}
+    # and no dense copy built earlier (cache build, pruning, online KL) is kept while one trains
+    assert dense_alive == {"run-l2-0.5-kl": True, "run-l2-0.5-kl-cache-full": False,
+                           "run-l2-0.5-kl-cache-topk_tail-16": False}
     caches = results["caches"]
     assert set(caches) == {"cache-full-n32", "cache-topk_tail-16-n32"}
     full, tail = caches["cache-full-n32"], caches["cache-topk_tail-16-n32"]

@@ -77,6 +77,11 @@ class Study:
         when the dtypes agree)."""
         return self._model(self.teacher_dtype)
 
+    def release_dense(self) -> None:
+        """Drops the dense copy held for the next stage: a run that trains without the teacher (CE,
+        KL from a cache) then has no dense parameters on the devices beside the student."""
+        self._models.clear()
+
     def _model(self, dtype: str) -> Transformer:
         # One dense copy on the devices at a time: a 7B float32 master and its bfloat16 teacher do
         # not fit one H200 beside a student and its moments, so switching dtype reloads.
@@ -301,6 +306,8 @@ def train_stage(study: Study, criterion: str, ratio: float, method: str, *, trai
     cache = teacher_cache_stage(study, cfg, train_examples) if cfg.distill.source == "cache" else None
 
     def fn(out):
+        if not loss_config(cfg).needs_teacher:
+            study.release_dense()
         resumed_from = _latest_checkpoint_step(os.path.join(out, "train", "checkpoints"))
         batcher = make_train_batcher(cfg, study.tokenizer, train_examples=train_examples)
         if cache is not None:  # the teacher's entries ride in the batch: no teacher is loaded
