@@ -362,6 +362,9 @@ def test_real_pruned_f32_greedy_matches(smollm2, tmp_path):
     model = prune.prune(base, 0.3)
     assert model.config.intermediate_size == 1075  # not a multiple of 32: fine for float types
     path = olmo_jax.save_gguf(model, str(tmp_path / "p30.gguf"), quant="f32")
+    ids = np.array([_ids(tok, PROMPTS[0])])
+    want, got = np.asarray(model(ids)), np.asarray(olmo_jax.from_pretrained(path)(ids))  # transformers' reader
+    assert np.abs(got - want).max() / np.abs(want).max() <= 1e-4
     llm = edge.LlamaCpp(path, threads=THREADS, precise=True)
     for text in PROMPTS:
         ids = _ids(tok, text)
