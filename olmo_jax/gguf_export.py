@@ -94,9 +94,7 @@ def save_gguf(model, path: str, *, quant: str = "f16", tokenizer_src: str | None
 def packed_config(cfg: ModelConfig, quant: str, *, pad_mlp: bool = True) -> ModelConfig:
     """The config the file describes: under a blocked quant the MLP width rounded up to whole
     blocks (the extra neurons are zero, see the module docstring); `cfg` itself otherwise."""
-    if quant not in QUANTS:
-        raise OlmoJaxError(f"unknown quant {quant!r}; choose one of {', '.join(QUANTS)}")
-    if not _is_blocked(QUANTS[quant][0]) or cfg.intermediate_size % BLOCK_SIZE == 0:
+    if not _is_blocked(_weight_type(quant)) or cfg.intermediate_size % BLOCK_SIZE == 0:
         return cfg
     if not pad_mlp:
         raise OlmoJaxError(
@@ -108,8 +106,7 @@ def packed_config(cfg: ModelConfig, quant: str, *, pad_mlp: bool = True) -> Mode
 
 def tensor_specs(cfg: ModelConfig, quant: str) -> list[TensorSpec]:
     """The GGUF name, shape and type of every tensor, in `hf_io.hf_tensors` order."""
-    if quant not in QUANTS:
-        raise OlmoJaxError(f"unknown quant {quant!r}; choose one of {', '.join(QUANTS)}")
+    _weight_type(quant)  # validates quant
     if cfg.arch not in ARCHS:
         raise OlmoJaxError(f"no GGUF architecture for {cfg.arch!r}; supported: {sorted(ARCHS)}")
     names = gguf.get_tensor_name_map(ARCHS[cfg.arch], cfg.num_layers)
@@ -121,12 +118,19 @@ def tensor_specs(cfg: ModelConfig, quant: str) -> list[TensorSpec]:
     return specs
 
 
+def _weight_type(quant: str) -> QType:
+    """The type of a quant's 2-D weights; an unknown quant is one error line."""
+    if quant not in QUANTS:
+        raise OlmoJaxError(f"unknown quant {quant!r}; choose one of {', '.join(QUANTS)}")
+    return QUANTS[quant][0]
+
+
 def _is_blocked(qtype: QType) -> bool:
     return gguf.GGML_QUANT_SIZES[qtype][0] > 1
 
 
 def _tensor_type(cfg: ModelConfig, kind, shape, quant: str) -> QType:
-    weight_type = QUANTS[quant][0]
+    weight_type = _weight_type(quant)
     if len(shape) == 1:
         return QType.F32  # norms: tiny, and llama.cpp computes them in F32
     if _is_blocked(weight_type) and shape[-1] % BLOCK_SIZE:
