@@ -27,7 +27,6 @@ Parameter pytree (pure dict):
 """
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -38,6 +37,7 @@ from flax import nnx
 from olmo_jax.attention import applies as fused_applies
 from olmo_jax.attention import fused_attention, resolve_attention_impl  # noqa: F401 (re-exported)
 from olmo_jax.config import ModelConfig
+from olmo_jax.rope import apply_rope, rope_inv_freq, rope_tables  # noqa: F401 (re-exported)
 
 Params = dict[str, Any]
 _MASK_VALUE = -1e30  # finite, so fully-masked (padding) rows give uniform weights, not NaN
@@ -54,42 +54,6 @@ def rms_norm(x, weight, eps: float, *, weight_in_fp32: bool):
     if weight_in_fp32:
         return (weight.astype(jnp.float32) * x32).astype(dtype)
     return weight.astype(dtype) * x32.astype(dtype)
-
-
-def rope_inv_freq(cfg: ModelConfig):
-    """RoPE inverse frequencies [E/2] in float32, with the config's frequency scaling applied."""
-    e = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
-    if cfg.rope_type == "llama3":
-        inv_freq = _llama3_scaled(inv_freq, **cfg.llama3_rope_parameters())
-    return inv_freq
-
-
-def _llama3_scaled(inv_freq, *, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings):
-    """Llama 3.1's long-context RoPE (as transformers computes it): wavelengths shorter than
-    original/high_freq_factor are kept, longer than original/low_freq_factor are stretched by
-    `factor`, and the band between is interpolated linearly in original/wavelength."""
-    wavelen = 2 * math.pi / inv_freq
-    smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
-    smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-    short = wavelen < original_max_position_embeddings / high_freq_factor
-    long = wavelen > original_max_position_embeddings / low_freq_factor
-    return jnp.where(short, inv_freq, jnp.where(long, inv_freq / factor, smoothed))
-
-
-def rope_tables(cfg: ModelConfig, positions_BxT):
-    """cos/sin [B, T, E] for non-interleaved (rotate-half) RoPE, computed in float32."""
-    inv_freq = rope_inv_freq(cfg)
-    freqs = positions_BxT.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
-
-
-def apply_rope(x_BxTxNxE, cos_BxTxE, sin_BxTxE):
-    x1, x2 = jnp.split(x_BxTxNxE, 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    cos, sin = cos_BxTxE[:, :, None, :], sin_BxTxE[:, :, None, :]
-    return (x_BxTxNxE * cos.astype(x_BxTxNxE.dtype) + rotated * sin.astype(x_BxTxNxE.dtype))
 
 
 def attention_mask(segment_ids_BxT):
@@ -122,7 +86,8 @@ def attention(cfg: ModelConfig, p: Params, x_BxTxD, cos_BxTxE, sin_BxTxE, mask_B
     decoding, over earlier tokens' cached keys/values.
 
     mask_BxTxT: [B, T, T] bool (what each token sees), or a FusedMask.
-    past: None, or (k_past_BxMxKxE, v_past_BxMxKxE, past_mask_BxTxM).
+    past: None, or (k_past_BxMxKxE, v_past_BxMxKxE, past_mask_BxTxM); a past of batch 1 is shared
+    by every row (`_attend_with_shared_prefix`), where past_mask None means every slot is seen.
     Returns (output [B, T, D], (k_BxTxKxE, v_BxTxKxE)): the T tokens' keys (QK-normed, RoPE'd)
     and values, in the compute dtype, for the caller to cache.
     """
@@ -143,6 +108,8 @@ def attention(cfg: ModelConfig, p: Params, x_BxTxD, cos_BxTxE, sin_BxTxE, mask_B
     if past is None:
         probs_BxKxGxTxT = jax.nn.softmax(scores_BxKxGxTxT, axis=-1).astype(v_BxTxKxE.dtype)
         out_BxTxKxGxE = jnp.einsum("bkgts,bske->btkge", probs_BxKxGxTxT, v_BxTxKxE)
+    elif past[0].shape[0] == 1:  # one prefix every row shares (prefix-cached scoring; decoding one row)
+        out_BxTxKxGxE = _attend_with_shared_prefix(q_BxTxKxGxE, scores_BxKxGxTxT, v_BxTxKxE, *past)
     else:
         # One softmax over [cached slots, own tokens]: the cache is read in place, never copied.
         k_past_BxMxKxE, v_past_BxMxKxE, past_mask_BxTxM = past
@@ -161,6 +128,29 @@ def _masked_scores(q_BxTxKxGxE, k_BxSxKxE, mask_BxTxS):
     scores_BxKxGxTxS = jnp.einsum("btkge,bske->bkgts", q_BxTxKxGxE, k_BxSxKxE,
                                   preferred_element_type=jnp.float32) * (q_BxTxKxGxE.shape[-1] ** -0.5)
     return jnp.where(mask_BxTxS[:, None, None], scores_BxKxGxTxS, _MASK_VALUE)
+
+
+def _attend_with_shared_prefix(q_BxTxKxGxE, own_BxKxGxTxT, v_BxTxKxE, k_1xMxKxE, v_1xMxKxE, mask_BxTxM):
+    """Attention over a batch-1 cache (M slots every row sees, as `mask_BxTxM` allows; None: all)
+    and the rows' own tokens (masked scores `own_BxKxGxTxT`): the same softmax as over their
+    concatenation, taken in two parts that share one max and one normaliser, so the [.., M]
+    scores are never concatenated or sliced. They are laid out kv-head first ([K, B, T, G, M], the
+    dot's natural output), so no [.., M]-sized array is transposed either."""
+    k_MxKxE, v_MxKxE = k_1xMxKxE[0], v_1xMxKxE[0]
+    past_KxBxTxGxM = jnp.einsum("btkge,mke->kbtgm", q_BxTxKxGxE, k_MxKxE,
+                                preferred_element_type=jnp.float32) * (q_BxTxKxGxE.shape[-1] ** -0.5)
+    if mask_BxTxM is not None:
+        past_KxBxTxGxM = jnp.where(mask_BxTxM[None, :, :, None, :], past_KxBxTxGxM, _MASK_VALUE)
+    to_bkgt = lambda x_KxBxTxG: jnp.transpose(x_KxBxTxG, (1, 0, 3, 2))  # noqa: E731
+    max_BxKxGxT = jnp.maximum(to_bkgt(jnp.max(past_KxBxTxGxM, axis=-1)), jnp.max(own_BxKxGxTxT, axis=-1))
+    past_KxBxTxGxM = jnp.exp(past_KxBxTxGxM - jnp.transpose(max_BxKxGxT, (1, 0, 3, 2))[..., None])
+    own_BxKxGxTxT = jnp.exp(own_BxKxGxTxT - max_BxKxGxT[..., None])
+    total_BxKxGxT = to_bkgt(jnp.sum(past_KxBxTxGxM, axis=-1)) + jnp.sum(own_BxKxGxTxT, axis=-1)
+    dt = v_BxTxKxE.dtype
+    out_BxTxKxGxE = (jnp.einsum("kbtgm,mke->btkge", past_KxBxTxGxM.astype(dt), v_MxKxE, preferred_element_type=jnp.float32)
+                     + jnp.einsum("bkgts,bske->btkge", own_BxKxGxTxT.astype(dt), v_BxTxKxE,
+                                  preferred_element_type=jnp.float32))
+    return (out_BxTxKxGxE / jnp.transpose(total_BxKxGxT, (0, 3, 1, 2))[..., None]).astype(dt)
 
 
 def mlp(p: Params, x_BxTxD):

