@@ -23,7 +23,7 @@ stage (pruning, evaluation, export): a model never has to fit on one device.
 """
 from ml_collections import ConfigDict
 
-from configs.smollm2_csqa import base
+from configs.base import base
 from olmo_jax.sharding import mesh_sizes
 
 MODELS = {

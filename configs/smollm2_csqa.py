@@ -10,62 +10,27 @@ Variants (`:name`): demo (default) | study | tuned | cache | cache_full | ce | k
 """
 from ml_collections import ConfigDict
 
+from configs.base import base
 
-def base() -> ConfigDict:
-    c = ConfigDict()
-    # teacher_dtype: the KL teacher's parameters ("" = compute_dtype: float32 here, bfloat16 on the
-    # accelerator presets). attention_impl: xla | splash (TPU) | cudnn (GPU) | auto (olmo_jax/model.py).
-    c.model = ConfigDict(dict(src="smollm2", dtype="float32", compute_dtype="float32", teacher_dtype="",
-                              attention_impl="auto"))
-    c.prune = ConfigDict(dict(ratio=0.3, criterion="l2", mode="compact", multiple_of=1, calib_examples=128))
+
+def smollm2() -> ConfigDict:
+    """The CPU settings every variant shares: the packaged model, CSQA's short rows, the
+    reference PyTorch run's optimiser (../shared/REFERENCE.md)."""
+    c = base()
+    c.model.src = "smollm2"
     # batch_size counts questions; train_examples limits the train split (nested subsets).
     # seq/tgt buckets: the padded lengths a training batch can take (few shapes, few compiles; the
     # largest bound every step's shape: train.aot compiles at them). CSQA rows are short (CE ~25
     # tokens, five packed choices ~45), hence the fine steps at the short end.
-    c.data = ConfigDict(dict(train_examples=256, batch_size=8, seed=0, hf_hub=False,
-                             seq_buckets=(32, 48, 64, 96, 128, 256, 512), tgt_buckets=(8, 16, 32, 64, 128, 256)))
-    c.train = ConfigDict(dict(loss="ce", steps=32, grad_accum=1, remat=False, ckpt_every=16, keep=2,
-                              log_every=1, eval_every=0, progress=True))
-    # lr 5e-5 / clip 1 / batch 8 as in the reference PyTorch run (REFERENCE.md); `pipeline.tune` picks
-    # lr and steps per method on the heldout split instead (the `tuned` variant does).
-    c.opt = ConfigDict(dict(lr=5e-5, warmup_steps=3, min_lr_ratio=0.1, weight_decay=0.0, b1=0.9, b2=0.95,
-                            eps=1e-8, grad_clip=1.0, mu_dtype=""))
-    # Label-free KL over the five candidate answers (the texts the RC eval scores), T=1, forward KL.
-    # source: "online" (the teacher runs in every step) | "cache" (its entries are computed once,
-    # offline: kind full | topk | topk_tail | sampled, k ids or draws; train/teacher_cache.py).
-    c.distill = ConfigDict(dict(temperature=1.0, reverse=False, top_k=0, alpha=0.0, inputs="choices",
-                                positions="continuation", chunk=128, source="online"))
-    c.distill.cache = ConfigDict(dict(kind="topk_tail", k=64, seed=0, dtype="float32", rows_per_shard=1024))
-    c.eval = ConfigDict(dict(task="csqa:rc_0shot", limit=300, batch_size=32, heldout_limit=0))
-    c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1))
-    # Sequences are tuples, so they can be overridden: --config.pipeline.ratios="(0.1, 0.5)".
-    # methods: ce | kl | kl-cache-KIND-K (KL from a cached teacher, e.g. kl-cache-topk_tail-64);
-    # seeds: data seeds each ratio's runs repeat over (() = data.seed once); extra_methods: run once,
-    # at data_size_ratio and the first seed (e.g. more cache kinds); hparams: fixed per-loss
-    # {"ce": {"lr": .., "steps": ..}, ...} (what tuning would choose; tuning overrides them).
-    c.pipeline = ConfigDict(dict(ratios=(0.3,), methods=("ce", "kl"), seeds=(), extra_methods=(), criteria=("l2",),
-                                 data_sizes=(),
-                                 data_size_ratio=0.3, data_size_epochs=0, export_hf=False, equal_compute=False,
-                                 eval_dense=True))
-    # Model selection on the heldout split (500 train questions never trained on), at
-    # data_size_ratio with prune.criterion: per method, each lr trains max(steps) steps and is scored
-    # on heldout at every candidate step count; the best (lr, steps) is then used by every run of
-    # that method. Empty lrs = no tuning (opt.lr, train.steps).
-    c.pipeline.tune = ConfigDict(dict(lrs=(), steps=(), limit=300))
-    c.pipeline.hparams = ConfigDict()
-    # The edge stage: GGUF files of the dense and every recovered model, run in llama.cpp (file MB,
-    # prompt/generation tokens/s at each thread count, peak RSS) and scored again from the file.
-    c.pipeline.edge = ConfigDict(dict(enabled=False, quants=("f16", "q8_0", "q4_0"), threads=(1, 2),
-                                      gen_tokens=64, eval_limit=0))
-    # compilation_cache_dir: JAX's persistent compilation cache (a relaunch, or the next run of the
-    # same shapes, loads its programs instead of compiling them again); "" = off.
-    c.jax = ConfigDict(dict(distributed=False, coordinator_address="", num_processes=1, process_id=0,
-                            compilation_cache_dir=""))
+    c.data.train_examples = 256
+    c.data.seq_buckets = (32, 48, 64, 96, 128, 256, 512)
+    # lr 5e-5 / clip 1 / batch 8 as in the reference PyTorch run; `pipeline.tune` picks lr and
+    # steps per method on the heldout split instead (the `tuned` variant does).
     return c
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
-    c = base()
+    c = smollm2()
     arg = arg or "demo"
     if arg == "demo":
         c.pipeline.edge.enabled = True  # q8_0 / q4_0 pad the 1075-wide MLP to 1088 with zero neurons

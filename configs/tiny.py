@@ -3,7 +3,7 @@
     python -m train.pipeline --config=configs/tiny.py --workdir=/tmp/tiny \
         --config.model.src=DIR   # DIR: made by tests (tiny HF dir with tokenizer files)
 """
-from configs.smollm2_csqa import base
+from configs.base import base
 
 
 def get_config(arg: str | None = None):

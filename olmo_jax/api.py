@@ -71,13 +71,15 @@ def from_pretrained(path: str, *, dtype: str = "float32", mesh=None,
     base = load_config(path)
     cfg = base.replace(param_dtype=dtype, compute_dtype=compute_dtype or dtype)
     shardings = param_shardings(cfg, mesh) if mesh is not None else None
+    mask = None
     if kind == "ours":
         params = checkpoint.restore_params(path, cfg, shardings)
+        mask = checkpoint.read_mask(path)
     elif kind == "hf":
         params = hf_io.load_params(cfg, hf_io.SafetensorsSource(path), shardings)
     else:
         params = hf_io.load_params(cfg, hf_io.DictSource(_gguf_tensors(path, cfg.to_hf())), shardings)
-    return Transformer(cfg, params, source=path)  # the tokenizer lives at `source`
+    return Transformer(cfg, params, source=path, neuron_mask=mask)  # the tokenizer lives at `source`
 
 
 def load_tokenizer(path: str):
@@ -126,7 +128,9 @@ def write_tokenizer(src: str, out_dir: str) -> None:
 
 def save_checkpoint(model: Transformer, out_dir: str, *, meta: dict | None = None,
                     overwrite: bool = False) -> str:
-    """Our Orbax checkpoint (with the tokenizer, when the model knows its source)."""
+    """Our Orbax checkpoint (with the tokenizer, when the model knows its source, and the neuron
+    mask of a mask-mode pruned model, which `from_pretrained` restores)."""
     src = model.source
-    return checkpoint.save(out_dir, model.config, model.param_dict(), meta=meta, overwrite=overwrite,
-                           write_extra=(lambda d: write_tokenizer(src, d)) if src else None)
+    mask = None if model.neuron_mask is None else model.neuron_mask.get_value()
+    return checkpoint.save(out_dir, model.config, model.param_dict(), neuron_mask=mask, meta=meta,
+                           overwrite=overwrite, write_extra=(lambda d: write_tokenizer(src, d)) if src else None)

@@ -2,6 +2,8 @@
 
     DIR/olmo_jax.json   {"format": "olmo_jax/1", "config": {...ModelConfig fields...}, "meta": {...}}
     DIR/params/         Orbax PyTree checkpoint of the parameter dict
+    DIR/neuron_mask.npy [L, I] bool, only for a mask-mode pruned model: which MLP neurons are kept
+                        (the pruned ones are zero and training keeps them zero, `prune.masks`)
     DIR/tokenizer*.json tokenizer files (so evaluation and export need nothing else)
 """
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from olmo_jax import distributed, fsutil
@@ -19,6 +22,7 @@ from olmo_jax.config import ModelConfig, OlmoJaxError
 
 MARKER = "olmo_jax.json"
 FORMAT = "olmo_jax/1"
+MASK_FILE = "neuron_mask.npy"
 
 
 def is_checkpoint(path: str) -> bool:
@@ -33,7 +37,7 @@ def read_config(path: str) -> tuple[ModelConfig, dict]:
     return ModelConfig(**info["config"]), info.get("meta", {})
 
 
-def save(path: str, cfg: ModelConfig, params: dict[str, Any], *, write_extra=None,
+def save(path: str, cfg: ModelConfig, params: dict[str, Any], *, neuron_mask=None, write_extra=None,
          meta: dict | None = None, overwrite: bool = False) -> str:
     """Writes a complete checkpoint under a temporary name, then renames it into place.
 
@@ -46,9 +50,17 @@ def save(path: str, cfg: ModelConfig, params: dict[str, Any], *, write_extra=Non
         if distributed.is_primary():
             if write_extra is not None:  # e.g. tokenizer files
                 write_extra(tmp)
+            if neuron_mask is not None:
+                np.save(os.path.join(tmp, MASK_FILE), np.asarray(neuron_mask, bool))
             with open(os.path.join(tmp, MARKER), "w") as f:
                 json.dump({"format": FORMAT, "config": dataclasses.asdict(cfg), "meta": meta or {}}, f, indent=2)
     return path
+
+
+def read_mask(path: str) -> np.ndarray | None:
+    """The checkpoint's [L, I] neuron mask (mask-mode pruned models), or None."""
+    f = os.path.join(path, MASK_FILE)
+    return np.load(f) if os.path.isfile(f) else None
 
 
 def restore_params(path: str, cfg: ModelConfig, shardings=None) -> dict[str, Any]:

@@ -92,6 +92,35 @@ def define_run_flags() -> None:
     flags.mark_flags_as_required(["config", "workdir"])
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing (`app.run(main, flags_parser=cli.parse_flags)`), with the config file
+    loaded at once: a bad flag, a missing config file, an unknown variant, a refused preset or an
+    override of a field that does not exist is one error line and exit 2, never a traceback."""
+    from absl import flags
+    try:
+        rest = flags.FLAGS(argv)
+        if "config" in flags.FLAGS and flags.FLAGS["config"].present:
+            flags.FLAGS.config.to_dict()  # ml_collections loads the file lazily: load it now
+        return rest
+    except Exception as e:  # noqa: BLE001 - whatever the config file raises, it is the user's input
+        print(f"error: {_root_message(e)}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
+def _root_message(e: BaseException) -> str:
+    """The innermost cause of an exception chain, on one line (a "did you mean" hint kept)."""
+    chain = [e]
+    while (chain[-1].__cause__ or chain[-1].__context__) is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    hint = next((str(x.args[0]) for x in chain if x.args and "Did you mean" in str(x.args[0])), "")
+    root = chain[-1]
+    text = hint or (root.args[0] if isinstance(root, KeyError) and root.args else str(root))
+    text = " ".join(str(text).replace("\\n", " ").replace("\\'", "'").split()).strip("'\"")
+    if isinstance(root, (KeyError, AttributeError)):
+        return "unknown config field " + text.replace("' Did", ": did").replace("'", "")
+    return text
+
+
 def print_primary(text: str) -> None:
     """Print on process 0 only (a multi-host run prints its results once)."""
     import jax

@@ -15,12 +15,12 @@ def maybe_initialize(jax_cfg) -> None:
     jax.distributed.initialize, once, when jax_cfg.distributed is set. Empty fields mean
     auto-detection (TPU pods, SLURM); on CPU or GPU clusters give coordinator/count/id."""
     global _done
-    if jax_cfg.get("compilation_cache_dir"):
+    if jax_cfg.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", jax_cfg.compilation_cache_dir)
-    if _done or not jax_cfg.get("distributed", False):
+    if _done or not jax_cfg.distributed:
         return
     kw = {}
-    if jax_cfg.get("coordinator_address"):
+    if jax_cfg.coordinator_address:
         kw = dict(coordinator_address=jax_cfg.coordinator_address, num_processes=int(jax_cfg.num_processes),
                   process_id=int(jax_cfg.process_id))
     jax.distributed.initialize(**kw)

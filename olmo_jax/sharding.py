@@ -89,9 +89,14 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def check_batch_divisible(batch_size: int, mesh: Mesh) -> None:
+    """A micro-batch of `batch_size` rows is split over the data-parallel axes: one line saying what
+    to set when it cannot be."""
     n = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch_size % n:
-        raise OlmoJaxError(f"batch size {batch_size} is not divisible by data*fsdp = {n} of the mesh")
+        raise OlmoJaxError(
+            f"a micro-batch of {batch_size} rows (data.batch_size / train.grad_accum) cannot be split over "
+            f"data x fsdp = {n} devices (mesh {dict(mesh.shape)}): set --config.mesh.tensor (or mesh.data) so that "
+            f"data x fsdp divides it, or raise data.batch_size / lower train.grad_accum")
 
 
 def mesh_from_config(mesh_cfg) -> Mesh:

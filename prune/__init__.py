@@ -5,10 +5,10 @@ from olmo_jax.config import OlmoJaxError
 from olmo_jax.distributed import to_host
 from olmo_jax.model import NeuronMask, Transformer
 from prune.compact import compact, compact_params, kept_indices
-from prune.importance import CRITERIA, importance
+from prune.importance import CRITERIA, DATA_CRITERIA, importance
 from prune.masks import apply_masks, masked_updates
 from prune.report import report
-from prune.schedule import iterative
+from prune.schedule import iterative, nested_masks, round_mask
 from prune.select import kept_count, select, select_k
 
 MODES = ("compact", "mask")
@@ -30,5 +30,6 @@ def prune(model: Transformer, ratio: float, criterion: str = "l2", *, mode: str 
 
 
 __all__ = ["prune", "importance", "select", "select_k", "kept_count", "apply_masks", "masked_updates",
-           "compact", "compact_params", "kept_indices", "iterative", "report", "CRITERIA", "MODES",
+           "compact", "compact_params", "kept_indices", "iterative", "nested_masks", "round_mask", "report",
+           "CRITERIA", "DATA_CRITERIA", "MODES",
            "NeuronMask"]

@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 from absl import app, flags
 
 import olmo_jax
 import prune
-from olmo_jax import csqa, fsutil
+from olmo_jax import fsutil
+from olmo_jax.tasks import csqa
 from olmo_jax.cli import user_errors
 
 flags.DEFINE_string("src", None, "Model to prune: HF dir, .gguf, olmo_jax checkpoint, or `smollm2`.", required=True)
@@ -30,13 +30,16 @@ FLAGS = flags.FLAGS
 
 def run(src: str, out: str, ratio: float, criterion: str, mode: str, multiple_of: int = 1,
         calib_examples: int = 128, hf_out: str | None = None, overwrite: bool = False) -> dict:
-    prune.kept_count(1000, ratio)  # validate the ratio before spending time loading
+    if not 0 <= ratio < 1:  # before spending time loading
+        raise olmo_jax.OlmoJaxError(f"pruning ratio must be in [0, 1), got {ratio}")
+    if criterion not in prune.CRITERIA:
+        raise olmo_jax.OlmoJaxError(f"unknown pruning criterion {criterion!r}; choose from {prune.CRITERIA}")
     for path in (out, hf_out):
         if path and os.path.exists(path) and os.listdir(path) and not overwrite:
             raise olmo_jax.OlmoJaxError(f"output path {path} already exists and is not empty")
     model = olmo_jax.from_pretrained(src)
     batches = None
-    if criterion == "activation":
+    if criterion in prune.DATA_CRITERIA:
         batches = csqa.calibration_batches(olmo_jax.load_tokenizer(model.source), calib_examples)
     pruned = prune.prune(model, ratio, criterion, mode=mode, multiple_of=multiple_of, batches=batches)
     rep = prune.report(model.config, pruned.kept_neurons(), criterion=criterion, ratio=ratio, mode=mode) | {"source": model.source}
@@ -44,10 +47,9 @@ def run(src: str, out: str, ratio: float, criterion: str, mode: str, multiple_of
     def extra(tmp):
         olmo_jax.api.write_tokenizer(model.source, tmp)
         fsutil.atomic_write_json(os.path.join(tmp, "prune_report.json"), rep)
-        if mode == "mask":
-            np.save(os.path.join(tmp, "neuron_mask.npy"), np.asarray(pruned.neuron_mask.get_value()))
 
-    olmo_jax.checkpoint.save(out, pruned.config, pruned.param_dict(), meta={"prune": rep},
+    mask = None if pruned.neuron_mask is None else pruned.neuron_mask.get_value()  # mask mode: restored on load
+    olmo_jax.checkpoint.save(out, pruned.config, pruned.param_dict(), neuron_mask=mask, meta={"prune": rep},
                              write_extra=extra, overwrite=overwrite)
     if hf_out:
         olmo_jax.save_pretrained(pruned, hf_out, overwrite=overwrite)

@@ -13,7 +13,7 @@ import statistics
 from absl import app, flags
 
 from olmo_jax import cli, edge
-from train.study import EDGE_PROMPT
+from train.study.edge import EDGE_PROMPT
 
 flags.DEFINE_list("gguf", None, "GGUF files.", required=True)
 flags.DEFINE_list("threads", ["1", "2"], "Thread counts.")

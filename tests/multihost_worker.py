@@ -20,15 +20,18 @@ import json
 import os
 import signal
 import sys
-import types
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 STEPS = 6
 CKPT_EVERY = 2
 BATCH = 8
-OPT = types.SimpleNamespace(lr=1e-2, warmup_steps=2, min_lr_ratio=0.1, weight_decay=0.01, b1=0.9, b2=0.95,
-                            eps=1e-8, grad_clip=1.0)
+OPT = dict(lr=1e-2, warmup_steps=2, min_lr_ratio=0.1, weight_decay=0.01, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0)
+
+
+def settings():
+    from train.settings import make
+    return make(train={"steps": STEPS, "ckpt_every": CKPT_EVERY, "keep": 10, "progress": False}, opt=OPT)
 
 
 def model_config():
@@ -87,17 +90,14 @@ def run(workdir: str, mesh, preempt_at: int = -1) -> dict:
     import numpy as np
     from jax.experimental import multihost_utils
     from train.loop import Preempted, train
-    from train.step import LossConfig
 
     batcher = make_batcher(jax.process_index(), jax.process_count(), preempt_at)
-    kw = dict(workdir=workdir, model_cfg=model_config(), mesh=mesh, batcher=batcher, total_steps=STEPS,
-              opt_cfg=OPT, loss=LossConfig(kind="ce"), ckpt_every=CKPT_EVERY, keep=10, progress=False)
     preempted_at = None
     try:
-        params = train(params=initial_params(), **kw)
+        params = train(settings(), workdir, model_config(), initial_params(), mesh, batcher)
     except Preempted as e:
         preempted_at = e.step
-        params = train(params=initial_params(), **kw)
+        params = train(settings(), workdir, model_config(), initial_params(), mesh, batcher)
     if jax.process_count() > 1:
         params = multihost_utils.process_allgather(params, tiled=True)
     local = {s: batcher.local_indices_at(s).tolist() for s in range(STEPS)}
@@ -117,13 +117,12 @@ def main():
     import jax
     import numpy as np
     from jax.experimental import multihost_utils
-    from ml_collections import ConfigDict
-
     from olmo_jax.distributed import maybe_initialize
     from olmo_jax.sharding import make_mesh
+    from train.settings import JaxSettings
 
-    maybe_initialize(ConfigDict(dict(distributed=True, coordinator_address=args.coordinator,
-                                     num_processes=args.num_processes, process_id=args.process_id)))
+    maybe_initialize(JaxSettings(distributed=True, coordinator_address=args.coordinator,
+                                 num_processes=args.num_processes, process_id=args.process_id))
     assert jax.process_count() == args.num_processes and jax.process_index() == args.process_id
     mesh = make_mesh(1, -1, 1)  # over jax.devices(): every process's devices
     res = run(args.workdir, mesh, args.preempt_at)

@@ -10,7 +10,9 @@ from olmo_jax.config import ModelConfig, OlmoJaxError
 from olmo_jax.model import gather_positions, hidden_states, init_params
 from olmo_jax.packing import collate, pack_sequence
 from train import losses
-from train.step import LossConfig, make_loss_fn
+from train.objective import Objective
+from train.settings import make
+from train.step import make_loss_fn
 
 
 def _cfg(kv_heads):
@@ -42,9 +44,11 @@ def test_fused_loss_and_gradient_equal_xla(impl):
     params = init_params(cfg, jax.random.key(1), std=0.1)
     mb = {k: jnp.asarray(v) for k, v in b.items()}
 
+    objective = Objective.from_settings(make())
+    scale = {"ce": 1.0 / objective.counts(mb)["ce"]}
+
     def loss(p, a):
-        s, n = make_loss_fn(cfg, None, LossConfig(kind="ce"), False, a)(p, None, mb)
-        return s / n
+        return make_loss_fn(cfg, None, objective, False, a)(p, None, mb, scale, 1.0)[0]
 
     (l_ref, g_ref), (l_got, g_got) = (jax.value_and_grad(loss)(params, a) for a in ("xla", impl))
     np.testing.assert_allclose(l_got, l_ref, rtol=1e-5)

@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 
 import olmo_jax
-from olmo_jax import csqa
+from olmo_jax.tasks import csqa
+from olmo_jax.tasks.tokenize import bos_prefix, tokenize_pairs
+from olmo_jax.config import OlmoJaxError
 from train import data as D
+from train.settings import DistillSettings, make
 from olmo_jax.packing import DEFAULT_SEQ_BUCKETS, DEFAULT_TGT_BUCKETS, row_lengths
 
 SAMMY = "61fe6e879ff18686d7552425a36344c8"  # train row 1
@@ -28,8 +31,17 @@ def heldout_tok(tok, heldout):
     return D.tokenize_examples(heldout, tok)
 
 
+def _kw(mode="ce", inputs="choices", positions=None):
+    """build_example's arguments for a loss (mode) and the distill settings' inputs / positions."""
+    return dict(loss=mode, distill=DistillSettings(inputs=inputs, positions=positions or "continuation"))
+
+
+def _example(ctx, conts, label, **kw):
+    return D.build_example(ctx, conts, label, **_kw(**kw))
+
+
 def _rows(tokenized, **kw):
-    return [D.build_example(c, ch, lab, **kw) for c, ch, lab in tokenized]
+    return [_example(c, ch, lab, **kw) for c, ch, lab in tokenized]
 
 
 def _ids(rows):
@@ -43,9 +55,9 @@ def _decode(tok, ids):
 # ---- splits -----------------------------------------------------------------------------------
 
 def test_shipped_splits():
-    import datasets
-    full = datasets.load_dataset("json", data_files=f"{csqa.DATA_DIR}/train.jsonl.gz", split="train")
-    assert len(full) == 9741
+    with gzip.open(f"{csqa.DATA_DIR}/train.jsonl.gz", "rt") as f:  # read independently of csqa.read_file
+        full = {"id": [json.loads(line)["id"] for line in f]}
+    assert len(full["id"]) == 9741
     train, held, val = csqa.load_split("train"), csqa.load_split("heldout"), csqa.load_split("validation")
     assert (len(train), len(held), len(val)) == (9741 - 500, 500, 1221)
     tr, he, va = (set(_ids(rows)) for rows in (train, held, val))
@@ -108,7 +120,7 @@ def test_rendering_matches_olmes():
 
 
 def test_tokenisation_separate_and_no_bos(tok):
-    assert csqa.bos_prefix(tok) == []  # SmolLM2 adds no BOS
+    assert bos_prefix(tok) == []  # SmolLM2 adds no BOS
     ex = {"question": "Where do fish live?", "choices": {"label": list("ABCDE"),
           "text": ["water", "sky", "tree", "desert", "car"]}, "answerKey": "A"}
     [(ctx, conts, label)] = D.tokenize_examples([ex], tok)
@@ -138,14 +150,14 @@ def test_rows_by_mode_decode_to_answers(tok, heldout, heldout_tok):
         context, texts = csqa.render(ex)
         gold = csqa.gold_index(ex)
         assert label == gold
-        ce = D.build_example(ctx, conts, label, mode="ce")
+        ce = _example(ctx, conts, label, mode="ce")
         p = len(ctx)
         assert _decode(tok, ce["tokens"][:p]) == context
         assert _decode(tok, ce["tgt_tok"]) == texts[gold]
         assert ce["tgt_pos"][0] == p - 1 and (ce["tgt_group"] == 0).all()
         assert ce["tgt_weight"].sum() == len(conts[gold])
         # kl default: the 5 choices as branches; each group decodes to its choice
-        kl = D.build_example(ctx, conts, None, mode="kl")
+        kl = _example(ctx, conts, None, mode="kl")
         assert _decode(tok, kl["tokens"][:p]) == context
         for c in range(5):
             m = kl["tgt_group"] == c
@@ -153,28 +165,28 @@ def test_rows_by_mode_decode_to_answers(tok, heldout, heldout_tok):
             assert kl["tgt_pos"][m][0] == p - 1
             assert (kl["positions"][kl["segment_ids"] == 2 + c] == p + np.arange(m.sum())).all()
         # kl gold == the CE row exactly
-        g = D.build_example(ctx, conts, label, mode="kl", inputs="gold")
+        g = _example(ctx, conts, label, mode="kl", inputs="gold")
         assert all(np.array_equal(g[k], ce[k]) for k in ce)
         # kl question: the prompt only, a KL position at every prompt token
-        q = D.build_example(ctx, conts, None, mode="kl", inputs="question")
+        q = _example(ctx, conts, None, mode="kl", inputs="question")
         assert _decode(tok, q["tokens"]) == context
         assert q["tgt_pos"].tolist() == list(range(p)) and (q["tgt_group"] == -1).all()
         # positions="all": the prompt's next-token targets, then the continuation's
-        a = D.build_example(ctx, conts, label, mode="ce", positions="all")
+        a = _example(ctx, conts, label, mode="kl", inputs="gold", positions="all")
         assert _decode(tok, a["tgt_tok"]) == (context + texts[gold])[len(_decode(tok, ctx[:1])):]
     with pytest.raises(ValueError, match="gold label"):
-        D.build_example(ctx, conts, None, mode="ce")
-    with pytest.raises(ValueError, match="positions"):
-        D.build_example(ctx, conts, None, mode="kl", inputs="question", positions="continuation")
-    with pytest.raises(ValueError, match="mode"):
-        D.build_example(ctx, conts, label, mode="sft")
+        _example(ctx, conts, None, mode="ce")
+    with pytest.raises(OlmoJaxError, match="positions"):  # refused when the settings are built
+        make(train={"loss": "kl"}, distill={"inputs": "question", "positions": "continuation"})
+    with pytest.raises(OlmoJaxError, match="unknown loss 'sft'"):
+        make(train={"loss": "sft"})
 
 
 def test_every_row_fits_the_default_buckets(tok):
     for split in ("train", "validation"):
         tokd = D.tokenize_examples(csqa.load_split(split), tok)
-        for kw in (dict(mode="ce"), dict(mode="ce", positions="all"), dict(mode="kl"),
-                   dict(mode="kl", positions="all"), dict(mode="kl", inputs="question")):
+        for kw in (dict(mode="ce"), dict(mode="kl", inputs="gold", positions="all"), dict(mode="kl"),
+                   dict(mode="kl", positions="all"), dict(mode="kl", inputs="question", positions="all")):
             lens = np.array([row_lengths(r) for r in _rows(tokd, **kw)])
             assert lens[:, 0].max() <= max(DEFAULT_SEQ_BUCKETS), (split, kw)
             assert lens[:, 1].max() <= max(DEFAULT_TGT_BUCKETS), (split, kw)
@@ -190,12 +202,12 @@ def test_kl_default_uses_no_label(tok, heldout):
     examples = list(heldout)
     rotated = [dict(e, answerKey="ABCDE"[(csqa.gold_index(e) + 1) % 5]) for e in examples]
     unlabeled = [dict(e, answerKey=None) for e in examples]
-    for kw in (dict(mode="kl"), dict(mode="kl", positions="all"), dict(mode="kl", inputs="question")):
-        b1, b2, b3 = (D.Batcher(D.build_rows(x, tok, **kw), batch_size=16, seed=3)
+    for kw in (dict(mode="kl"), dict(mode="kl", positions="all"), dict(mode="kl", inputs="question", positions="all")):
+        b1, b2, b3 = (D.Batcher(D.build_rows(x, tok, **_kw(**kw)), batch_size=16, seed=3)
                       for x in (examples, rotated, unlabeled))
         for step in (0, 7):
             assert _equal(b1.batch_at(step), b2.batch_at(step)) and _equal(b1.batch_at(step), b3.batch_at(step))
-    ce1, ce2 = (D.Batcher(D.build_rows(x, tok, mode="ce"), batch_size=16, seed=3) for x in (examples, rotated))
+    ce1, ce2 = (D.Batcher(D.build_rows(x, tok, **_kw("ce")), batch_size=16, seed=3) for x in (examples, rotated))
     assert not _equal(ce1.batch_at(0), ce2.batch_at(0))  # sanity: CE does use the label
 
 
@@ -257,7 +269,7 @@ def test_batcher_rejects_rows_that_fit_no_bucket(heldout_tok):
 
 
 def test_make_batcher(tok):
-    b = D.make_batcher(tok, split="train", mode="kl", batch_size=8, limit=250, seed=1)
+    b = D.make_batcher(make(train={"loss": "kl"}, data={"batch_size": 8, "train_examples": 250, "seed": 1}), tok)
     assert b.n == 250 and b.pad_id == 2
     batch = b.batch_at(0)
     assert batch["tokens"].shape == (8, 64)
@@ -266,13 +278,12 @@ def test_make_batcher(tok):
 def test_training_rows_are_the_olmes_eval_prompts(tok):
     """The CE row of a question is, token for token, the rc_0shot request (context + gold answer)
     that evaluation scores, and the KL row's branches are its five continuations."""
-    from train.eval.requests import build_requests, group_requests
     examples = csqa.load_split("validation")[:50]
-    questions = group_requests(build_requests("csqa:rc_0shot", examples))
-    scored = csqa.tokenize_pairs(tok, [(q.context, q.continuations) for q in questions])
+    questions = csqa.questions("rc_0shot", examples)
+    scored = tokenize_pairs(tok, [(q.context, q.continuations) for q in questions])
     for (ctx, conts, label), q, (q_ctx, q_conts) in zip(D.tokenize_examples(examples, tok), questions, scored):
         assert label == q.gold and ctx == q_ctx and conts == q_conts
-        ce = D.build_example(ctx, conts, label, mode="ce")
+        ce = _example(ctx, conts, label, mode="ce")
         assert ce["tokens"].tolist() == q_ctx + q_conts[q.gold]
-        kl = D.build_example(ctx, conts, None, mode="kl")
+        kl = _example(ctx, conts, None, mode="kl")
         assert [kl["tgt_tok"][kl["tgt_group"] == c].tolist() for c in range(5)] == q_conts

@@ -126,7 +126,7 @@ def test_cooperative_checkpoint_restores_in_another_topology(two_processes):
 
     mesh = make_mesh(1, -1, 1, devices=jax.devices()[:4])
     cfg = W.model_config()
-    opt = step_lib.build_optimizer(W.OPT, W.STEPS)
+    opt = step_lib.build_optimizer(W.settings().opt, W.STEPS)
     state = step_lib.init_state(place_params(cfg, W.initial_params(), mesh), opt, mesh)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     mngr = checkpoint_manager(os.path.join(two_processes["work"], "checkpoints"), every=W.CKPT_EVERY, keep=10)

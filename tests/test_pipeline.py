@@ -1,4 +1,5 @@
-"""The study pipeline end to end on a tiny random model: artefacts, table rows, resumability."""
+"""The study pipeline end to end on a tiny random model: artefacts, table rows, comparisons,
+resumability, the plan's declared inputs and its one residency policy."""
 import json
 import os
 import subprocess
@@ -9,36 +10,51 @@ import pytest
 
 from configs.tiny import get_config
 from tests.hf_helpers import tiny_model_dir
-from train.stages import Stages
+from train.settings import Settings
+from train.study import plan as plan_lib
 from train.study import run_study
+from train.study.evaluate import Evaluator
+from train.study.results import collect
+from train.study.store import Store
 
 pytestmark = pytest.mark.slow  # the full tier only (README: test tiers)
+
+
+class RecordingEvaluator(Evaluator):
+    """The study's evaluator, recording every CSQA call: its split, limit and where the model was."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.calls = []
+
+    def csqa(self, model, out=None, *, split="validation", limit=None, name="eval.json"):
+        leaves = jax.tree.leaves(model.param_dict())
+        placement = ({len(x.sharding.device_set) for x in leaves},
+                     not model.param_dict()["embed"].sharding.is_fully_replicated)
+        self.calls.append((split, limit, placement))
+        return super().csqa(model, out, split=split, limit=limit, name=name)
+
+
+def config_of(src):
+    config = get_config(src)
+    config.pipeline.data_sizes = (16,)
+    config.pipeline.data_size_epochs = 1  # 16 questions at batch 8: 2 steps
+    config.pipeline.tune.lrs = (3e-3, 1e-3)
+    config.pipeline.tune.steps = (2, 1)
+    config.pipeline.tune.limit = 8
+    config.eval.lambada = 3
+    return config
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     base = tmp_path_factory.mktemp("pipe")
-    config = get_config(tiny_model_dir(base / "model"))
-    config.pipeline.data_sizes = [16]
-    config.pipeline.data_size_epochs = 1  # 16 questions at batch 8: 2 steps
-    config.pipeline.tune.lrs = [3e-3, 1e-3]
-    config.pipeline.tune.steps = [2, 1]
-    config.pipeline.tune.limit = 8
+    config = config_of(tiny_model_dir(base / "model"))
     workdir = str(base / "work")
-    import train.study as P
-    calls, orig = [], P.evaluate_params
-    P.evaluate_params = lambda *a, **k: calls.append((k["split"], k["limit"], _placement(a[1]))) or orig(*a, **k)
-    try:
-        results = run_study(config, workdir)
-    finally:
-        P.evaluate_params = orig
-    return config, workdir, results | {"eval_calls": calls}
-
-
-def _placement(params):
-    """(devices of every parameter, whether the embedding is split): where evaluation ran."""
-    leaves = jax.tree.leaves(params)
-    return ({len(x.sharding.device_set) for x in leaves}, not params["embed"].sharding.is_fully_replicated)
+    import olmo_jax
+    evaluator = RecordingEvaluator(Settings.from_config(config), olmo_jax.load_tokenizer(config.model.src))
+    results = run_study(config, workdir, evaluator=evaluator)
+    return config, workdir, results | {"eval_calls": evaluator.calls}
 
 
 def test_models_stay_sharded_over_the_mesh_in_every_stage(finished):
@@ -62,7 +78,7 @@ def test_tuning_picks_lr_and_steps_on_heldout_only(finished):
         assert chosen["heldout_acc"] == best and grid[f"lr{chosen['lr']:g}"][str(chosen["steps"])] == best
         run = results["runs"][f"run-l2-0.5-{method}"]
         assert (run["lr"], run["steps"]) == (chosen["lr"], chosen["steps"])  # every run of the method uses it
-        logged = [json.loads(l) for l in open(os.path.join(
+        logged = [json.loads(line) for line in open(os.path.join(
             workdir, f"tune-l2-0.5-{method}-lr0.001", "train", "metrics.jsonl"))]
         assert [m["step"] for m in logged if "heldout_acc" in m] == [1, 2]
     assert results["runs"]["run-l2-0.5-ce-n16"]["steps"] == 2  # data_size_epochs: ceil(1 * 16 / 8)
@@ -72,7 +88,7 @@ def test_tuning_picks_lr_and_steps_on_heldout_only(finished):
 def test_report_has_training_speed_of_every_stage(finished):
     config, workdir, results = finished
     speed = json.load(open(os.path.join(workdir, "results.json")))["speed"]
-    trained = {n: r["steps"] for n, r in results["runs"].items() if n.startswith("run-")}
+    trained = {n: r["steps"] for n, r in results["runs"].items() if r["key"]["method"] != "none"}
     trained |= {f"tune-l2-0.5-{m}-lr{lr:g}": 2 for m in config.pipeline.methods for lr in config.pipeline.tune.lrs}
     assert set(speed) == {n for n, steps in trained.items() if steps > 1}
     for name, v in speed.items():
@@ -82,8 +98,7 @@ def test_report_has_training_speed_of_every_stage(finished):
 
 def test_every_artefact_is_written(finished):
     config, workdir, results = finished
-    for name in ("results.json", "results.md", "accuracy_vs_retention.png", "ece_vs_retention.png",
-                 "accuracy_vs_examples.png", "pipeline_config.json"):
+    for name in ("results.json", "results.md", "accuracy_vs_examples.png", "pipeline_config.json"):
         assert os.path.getsize(os.path.join(workdir, name)) > 0, name
     for ratio in config.pipeline.ratios:
         for method in config.pipeline.methods:
@@ -91,37 +106,51 @@ def test_every_artefact_is_written(finished):
             assert os.path.isfile(os.path.join(stage, "model", "olmo_jax.json"))
             ev = json.load(open(os.path.join(stage, "eval.json")))
             assert ev["n"] == config.eval.limit and len(ev["predictions"]) == config.eval.limit
+            lam = json.load(open(os.path.join(stage, "lambada.json")))
+            assert lam["n"] == 3 and results["runs"][f"run-l2-{ratio}-{method}"]["lambada"]["n"] == 3
             assert os.path.isfile(os.path.join(stage, "train", "metrics.jsonl"))
+            assert not os.path.exists(os.path.join(stage, "train", "checkpoints"))  # the final model is kept
     saved = json.load(open(os.path.join(workdir, "results.json")))
     assert set(saved["runs"]) == set(results["runs"])
-    from train.stages import collect  # the report can be rebuilt from the stages alone
-    again = collect(workdir)
+    again = collect(workdir)  # the report can be rebuilt from the stages alone
     assert again["runs"] == json.loads(json.dumps(results["runs"])) and again["dense"] == results["dense"]
+    order = lambda cs: sorted(cs, key=lambda c: (c["run"], c["baseline"], c["metric"]))  # noqa: E731
+    assert order(again["comparisons"]) == order(json.loads(json.dumps(results["comparisons"])))
 
 
-def test_table_has_one_row_per_ratio_and_method(finished):
+def test_comparisons_are_keyed_records(finished):
+    """Every recovered run against its unrecovered start and KL against CE, per metric (the
+    schema results.json["comparisons"] promises)."""
+    _, _, results = finished
+    comps = results["comparisons"]
+    assert all(set(c) == {"run", "seeds", "baseline", "baseline_kind", "metric", "diff", "ci_low", "ci_high", "p"}
+               for c in comps)
+    got = {(c["run"], c["baseline"], c["baseline_kind"], c["metric"]) for c in comps}
+    for metric in ("csqa", "lambada_loss"):
+        assert ("run-l2-0.5-kl", "prune-l2-0.5", "unrecovered", metric) in got
+        assert ("run-l2-0.5-ce", "prune-l2-0.5", "unrecovered", metric) in got
+        assert ("run-l2-0.5-kl", "run-l2-0.5-ce", "method", metric) in got
+        assert ("run-l2-0.5-kl-n16", "run-l2-0.5-ce-n16", "method", metric) in got
+    assert all(c["ci_low"] <= c["diff"] <= c["ci_high"] and 0 <= c["p"] <= 1 for c in comps)
+
+
+def test_table_has_one_row_per_model(finished):
     config, workdir, _ = finished
-    text = open(os.path.join(workdir, "results.md")).read().split("Paired bootstrap")[0]
-    table = [l for l in text.splitlines() if l.startswith("| run-") or l.startswith("| prune-")]
+    text = open(os.path.join(workdir, "results.md")).read().split("Paired differences")[0]
+    table = [line for line in text.splitlines() if line.startswith(("| run-", "| prune-"))]
     want = {f"prune-l2-{r}" for r in config.pipeline.ratios}
     want |= {f"run-l2-{r}-{m}" for r in config.pipeline.ratios for m in config.pipeline.methods}
     want |= {f"run-l2-{config.pipeline.data_size_ratio}-{m}-n16" for m in config.pipeline.methods}
-    got = [l.split("|")[1].strip() for l in table]
-    assert sorted(got) == sorted(want)
+    assert sorted(line.split("|")[1].strip() for line in table) == sorted(want)
 
 
-def test_relaunch_recomputes_nothing(finished):
+def test_relaunch_recomputes_nothing(finished, capsys):
     config, workdir, results = finished
     before = {n: os.path.getmtime(os.path.join(workdir, n, "done.json")) for n in os.listdir(workdir)
               if os.path.isfile(os.path.join(workdir, n, "done.json"))}
-    logged = []
-    orig = Stages.__init__
-    Stages.__init__ = lambda self, w, log=print: orig(self, w, log=logged.append)
-    try:
-        again = run_study(config, workdir)
-    finally:
-        Stages.__init__ = orig
-    assert logged == []  # no stage ran
+    capsys.readouterr()
+    again = run_study(config, workdir)
+    assert "[stage]" not in capsys.readouterr().out  # no stage ran
     after = {n: os.path.getmtime(os.path.join(workdir, n, "done.json")) for n in before}
     assert after == before
     assert again["runs"].keys() == results["runs"].keys()
@@ -140,25 +169,56 @@ def test_relaunch_may_change_the_launch_but_not_the_study(finished):
     """A study may be resumed on another topology (jax: coordinator, process count and id), not
     with other settings (multi-process runs: tests/test_multihost_pipeline.py)."""
     from olmo_jax.config import OlmoJaxError
-    from train.study import _check_workdir
     config, workdir, _ = finished
     other = config.copy_and_resolve_references()
     other.jax.coordinator_address, other.jax.num_processes, other.jax.process_id = "host0:1234", 4, 3
-    _check_workdir(other, workdir)
+    Store(workdir).claim(Settings.from_config(other).identity())
     other.opt.lr *= 2
     with pytest.raises(OlmoJaxError, match="holds a run with a different config"):
-        _check_workdir(other, workdir)
+        Store(workdir).claim(Settings.from_config(other).identity())
+
+
+def test_plan_declares_what_each_stage_reads():
+    """Inputs run before their readers; every run reads its pruned start (and the tuning choice when
+    tuning); a run needs the teacher exactly when its method does; the schedule's rounds of every
+    method read one masks stage."""
+    config = config_of("unused")
+    config.pipeline.methods = ("ce", "kl", "kl-cache-topk-4")
+    config.pipeline.schedule.rounds = (0.2, 0.5)
+    config.pipeline.schedule.steps = 1
+    s = Settings.from_config(config)
+    plan = plan_lib.build(s)
+    seen = set()
+    for stage in plan:
+        assert set(stage.inputs) <= seen, (stage.name, set(stage.inputs) - seen)
+        seen.add(stage.name)
+    runs = {st.name: st for st in plan if st.fn is plan_lib.S.train}
+    for name, st in runs.items():
+        method = st.args["method"]
+        assert st.args["start"] in st.inputs and "tuning" in st.inputs
+        assert (st.needs == "teacher") == method.needs_teacher
+        assert any(i.startswith("cache-") for i in st.inputs) == method.needs_cache
+    rounds = [st for st in plan if st.fn is plan_lib.S.schedule_round]
+    assert len(rounds) == 3 * 2 and {st.args["masks"] for st in rounds} == {"sched-masks-l2"}
+    assert all(st.args["previous"] in st.inputs for st in rounds)
 
 
 @pytest.mark.parametrize("args, line", [
     (["-m", "train.report", "--workdir=/nonexistent"],
      "error: --workdir='/nonexistent' is not a pipeline workdir (no pipeline_config.json)"),
-    (["-m", "train.bench.eval_speed", "--limit=-1"], "error: --limit must be >= 0 (0 = all 1221 questions), got -1"),
-    (["-m", "train.pipeline", "--config=configs/tiny.py", "--workdir=gs://bucket/run"],
+    (["-m", "train.bench.eval_speed", "--torch_limit=0"], "error: --torch_limit must be >= 1, got 0"),
+    (["-m", "train.pipeline", "--config=configs/tiny.py", "--config.model.src=x", "--workdir=gs://bucket/run"],
      "error: workdir gs://bucket/run is a URL; give a path every host sees (NFS, or the bucket mounted with "
      "gcsfuse): stage bookkeeping uses file renames"),
+    (["-m", "train.pipeline", "--config=configs/smollm2_csqa.py:nope", "--workdir=/tmp/never"],
+     "error: unknown variant 'nope'; choose demo | study | tuned | cache | cache_full | ce | kl"),
+    (["-m", "train.pipeline", "--config=configs/olmo2.py:7b,h200", "--workdir=/tmp/never"],
+     "error: OLMo2-7b does not fit h200 (AOT, docs/ACCELERATORS.md); h200 takes 1b"),
+    (["-m", "train.pipeline", "--config=configs/smollm2_csqa.py", "--config.opt.lr=-1", "--workdir=/tmp/never"],
+     "error: optimizer config: lr must be > 0, got -1.0"),
 ])
 def test_clis_give_one_error_line(args, line):
     r = subprocess.run([sys.executable, *args], capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == line
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [line]
+    assert not os.path.exists("/tmp/never")

@@ -67,6 +67,33 @@ def test_activation_scores_match_torch_hooks(pair):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
+def test_wanda_scores_are_down_norm_times_activation_norm(pair):
+    """Structured Wanda: |down_j| (the neuron's down_proj weights) times the L2 norm of its
+    activation over every real calibration token (a torch hook on down_proj's input)."""
+    tm, model = pair
+    rows = [np.random.RandomState(4).randint(3, 128, n) for n in (6, 10)]
+    acts = []
+    hooks = [layer.mlp.down_proj.register_forward_hook(lambda m, inp, out: acts.append(inp[0][0] ** 2))
+             for layer in tm.model.layers]
+    with torch.no_grad():
+        for row in rows:
+            tm(torch.tensor(row[None]))
+    for h in hooks:
+        h.remove()
+    L = model.config.num_layers
+    act_norm = np.sqrt(np.stack([sum(acts[i + L * e].sum(0).numpy() for e in range(2)) for i in range(L)]))
+    down = np.stack([tm.model.layers[i].mlp.down_proj.weight.detach().numpy() for i in range(L)])  # [L, D, I]
+    want = np.sqrt((down.astype(np.float64) ** 2).sum(1)) * act_norm
+    t = 12
+    tokens, seg = np.zeros((2, t), np.int32), np.zeros((2, t), np.int32)
+    for b, r in enumerate(rows):
+        tokens[b, :len(r)], seg[b, :len(r)] = r, 1
+    pos = np.maximum(np.cumsum(seg, 1) - 1, 0).astype(np.int32)
+    batch = {"tokens": jnp.asarray(tokens), "positions": jnp.asarray(pos), "segment_ids": jnp.asarray(seg)}
+    np.testing.assert_allclose(np.asarray(prune.importance(model, "wanda", batches=[batch])), want, rtol=1e-4,
+                               atol=1e-6)
+
+
 def test_select_rules():
     scores = np.random.RandomState(0).rand(3, 100)
     for ratio in (0.0, 0.1, 0.5, 0.99):
@@ -145,6 +172,70 @@ def test_iterative_reaches_one_shot_size(pair):
     assert final.config.intermediate_size == prune.prune(model, 0.5).config.intermediate_size
     with pytest.raises(OlmoJaxError, match="increasing"):
         prune.iterative(model, [0.5, 0.3])
+
+
+def _shifted(by):
+    """A 'recovery' that moves every MLP weight by `by` (so we can tell which weights a round saw)."""
+    def recover(m, step):
+        p = m.param_dict()
+        mlp = {k: v + by for k, v in p["layers"]["mlp"].items()}
+        return m.with_params(p | {"layers": p["layers"] | {"mlp": mlp}})
+    return recover
+
+
+def test_iterative_rounds_prune_the_recovered_model_with_identical_masks(pair):
+    """Each round prunes the model its recovery produced, and two recoveries (CE, KL) remove the
+    same neurons in every round: the one ranking of the starting model, nested (one-shot top-k)."""
+    _, model = pair
+    ratios = [0.25, 0.5]
+    runs = {by: prune.iterative(model, ratios, recover=_shifted(by)) for by in (1.0, 3.0)}
+    keep = prune.select(np.asarray(prune.importance(model, "l2")), ratios[-1])
+    dense_down = np.asarray(model.param_dict()["layers"]["mlp"]["down_proj"])
+    for by, final in runs.items():
+        down = np.asarray(final.param_dict()["layers"]["mlp"]["down_proj"])  # [L, k, D]
+        for layer in range(down.shape[0]):  # the kept neurons' weights, moved once per round
+            np.testing.assert_allclose(down[layer], dense_down[layer][keep[layer]] + by * len(ratios), rtol=1e-6)
+    masks = prune.nested_masks(np.asarray(prune.importance(model, "l2")), ratios)
+    assert (masks[1] <= masks[0]).all() and (masks[1] == keep).all()
+    round2 = prune.round_mask(masks[0], masks[1])
+    assert round2.shape == (masks[0].shape[0], int(masks[0][0].sum())) and (round2.sum(1) == masks[1].sum(1)).all()
+    with pytest.raises(OlmoJaxError, match="not nested"):
+        prune.round_mask(masks[1], masks[0])
+
+
+def test_a_mask_mode_checkpoint_keeps_its_mask(pair, tmp_path):
+    """The neuron mask is part of the checkpoint: save, load, train a step, and the pruned neurons
+    are still exactly zero (the loaded model carries the mask into training)."""
+    from olmo_jax.packing import collate, pack_sequence
+    from olmo_jax.sharding import make_mesh
+    from train.loop import train
+    from train.settings import make
+
+    _, model = pair
+    masked = prune.prune(model, 0.5, mode="mask")
+    olmo_jax.save_checkpoint(masked, str(tmp_path / "ckpt"))
+    back = olmo_jax.from_pretrained(str(tmp_path / "ckpt"))
+    mask = masked.neuron_mask.get_value()
+    assert back.neuron_mask is not None and (back.neuron_mask.get_value() == mask).all()
+    rows = [pack_sequence(np.random.RandomState(i).randint(3, 128, 6), [5, 7]) for i in range(4)]
+
+    class Fixed:
+        def batch_at(self, step):
+            return collate(rows, seq_buckets=(16,), tgt_buckets=(8,))
+
+        def tokens_in_batch(self, step):
+            return 32
+
+    run = make(train={"steps": 2, "progress": False}, opt={"lr": 1e-2, "warmup_steps": 0}, data={"batch_size": 4})
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    params = train(run, str(tmp_path / "train"), back.config, back.param_dict(), mesh, Fixed(),
+                   neuron_mask=back.neuron_mask.get_value())
+    mlp = {k: np.asarray(v) for k, v in params["layers"]["mlp"].items()}
+    for layer in range(mask.shape[0]):
+        cut = ~mask[layer]
+        assert (mlp["gate_proj"][layer][:, cut] == 0).all() and (mlp["down_proj"][layer][cut] == 0).all()
+        assert (mlp["gate_proj"][layer][:, mask[layer]] != np.asarray(
+            masked.param_dict()["layers"]["mlp"]["gate_proj"])[layer][:, mask[layer]]).any()  # kept ones trained
 
 
 def test_report_counts(pair):

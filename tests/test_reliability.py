@@ -537,14 +537,15 @@ def test_malformed_data_row_is_a_user_error_naming_the_row(src, tmp_path, monkey
     import olmo_jax
     from configs.tiny import get_config
     from olmo_jax.config import OlmoJaxError
-    from olmo_jax import csqa
-    from train.recover import make_train_batcher
+    from olmo_jax.tasks import csqa
+    from train.data import make_batcher
+    from train.settings import Settings
     with gzip.open(tmp_path / "train.jsonl.gz", "wt") as f:
         f.write(_csqa_row(0) + "\n" + bad_line + "\n")
     monkeypatch.setattr(csqa, "DATA_DIR", str(tmp_path))
-    config = get_config(src)
+    settings = Settings.from_config(get_config(src))
     with pytest.raises(OlmoJaxError) as e:
-        make_train_batcher(config, olmo_jax.load_tokenizer(src))
+        make_batcher(settings, olmo_jax.load_tokenizer(src))
     assert "row 1" in str(e.value) and why in str(e.value)
 
 

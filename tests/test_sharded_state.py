@@ -1,8 +1,6 @@
 """The train state on a mesh: optimizer moments sharded exactly like their parameters (after init and
 after a restore), no second copy of a donated student, and a KL step whose per-device arguments are
 about 1/N of the whole (8 virtual CPU devices)."""
-import types
-
 import jax
 import numpy as np
 import optax
@@ -13,11 +11,11 @@ from olmo_jax.model import init_params, param_shapes
 from olmo_jax.packing import collate, pack_branches
 from olmo_jax.sharding import make_mesh, param_shardings, place_params
 from train import loop
-from train.step import (LossConfig, abstract_state, build_optimizer, init_state, jit_train_step, make_train_step,
-                        split_micro_batches)
+from train.settings import make
+from train.step import abstract_state, build_optimizer, init_state, jit_train_step, make_train_step, split_micro_batches
 
-OPT = types.SimpleNamespace(lr=1e-3, warmup_steps=1, min_lr_ratio=0.1, weight_decay=0.01, b1=0.9, b2=0.95,
-                            eps=1e-8, grad_clip=1.0)
+OPT = make(opt=dict(lr=1e-3, warmup_steps=1, min_lr_ratio=0.1, weight_decay=0.01, b1=0.9, b2=0.95, eps=1e-8,
+                    grad_clip=1.0)).opt
 CFG = ModelConfig(arch="olmo2", vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
                   num_kv_heads=4, head_dim=32, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False)
 
@@ -69,10 +67,9 @@ def _batcher(n=16):
 
 def test_restored_state_keeps_the_shardings_and_a_donated_student_is_not_copied(tmp_path):
     mesh = _mesh()
-    kw = dict(model_cfg=CFG, mesh=mesh, batcher=_batcher(), total_steps=2, opt_cfg=OPT, loss=LossConfig(kind="ce"),
-              ckpt_every=1, progress=False)
+    run = make(train={"steps": 2, "ckpt_every": 1, "progress": False}, opt=OPT.__dict__)
     params = place_params(CFG, init_params(CFG, jax.random.key(0)), mesh)
-    loop.train(workdir=str(tmp_path), params=params, donate_params=True, **kw)
+    loop.train(run, str(tmp_path), CFG, params, mesh, _batcher(), donate_params=True)
     assert all(x.is_deleted() for x in jax.tree.leaves(params))  # taken over by the state, not copied
     optimizer = build_optimizer(OPT, 2)
     mngr = loop.checkpoint_manager(str(tmp_path / "checkpoints"), every=1, keep=2)
@@ -91,11 +88,11 @@ def test_kl_step_compiles_with_about_one_nth_of_the_arguments_per_device():
     state = init_state(params, optimizer, mesh)
     teacher = place_params(CFG, init_params(CFG, jax.random.key(2)), mesh)
     batch = split_micro_batches(_batcher().batch_at(0), 1)
-    fn = make_train_step(CFG, optimizer, LossConfig(kind="kl"), teacher_cfg=CFG)
+    fn = make_train_step(CFG, optimizer, make(train={"loss": "kl"}), teacher_cfg=CFG)
     step = jit_train_step(fn, mesh, state, teacher, batch)
     compiled = step.lower(state, teacher, batch).compile()
     per_device = compiled.memory_analysis().argument_size_in_bytes
-    total = sum(x.nbytes for x in jax.tree.leaves((state, teacher))) + sum(v.nbytes for v in batch.values())
+    total = sum(x.nbytes for x in jax.tree.leaves((state, teacher, batch)))
     n = mesh.size
     # norms and step counts are replicated and the batch is split over fsdp only: a little above 1/N
     assert total / n <= per_device <= 1.2 * total / n, (per_device, total / n)
@@ -104,7 +101,7 @@ def test_kl_step_compiles_with_about_one_nth_of_the_arguments_per_device():
 @pytest.mark.parametrize("mu_dtype", ["bfloat16"])
 def test_bfloat16_first_moment(mu_dtype):
     mesh = _mesh()
-    opt_cfg = types.SimpleNamespace(**vars(OPT), mu_dtype=mu_dtype)
+    opt_cfg = make(opt=OPT.__dict__ | {"mu_dtype": mu_dtype}).opt
     state = init_state(place_params(CFG, init_params(CFG, jax.random.key(0)), mesh), build_optimizer(opt_cfg, 10), mesh)
     adam = state["opt_state"][1][0]
     assert {x.dtype for x in jax.tree.leaves(adam.mu)} == {np.dtype("bfloat16")}

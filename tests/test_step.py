@@ -1,6 +1,4 @@
 """The recovery train step: sharding, accumulation, remat, masks, overfitting, gradients, errors."""
-import types
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,11 +9,15 @@ from olmo_jax import model as M
 from olmo_jax.config import ModelConfig, OlmoJaxError
 from olmo_jax.sharding import check_batch_divisible, make_mesh, place_params
 from olmo_jax.packing import collate, pack_branches, pack_sequence
-from train.step import (LossConfig, build_optimizer, init_state, jit_train_step, make_loss_fn,
-                        make_train_step, split_micro_batches)
+from train.objective import Objective
+from train.settings import make
+from train.step import build_optimizer, init_state, jit_train_step, make_loss_fn, make_train_step, split_micro_batches
 
-OPT = types.SimpleNamespace(lr=1e-2, warmup_steps=2, min_lr_ratio=0.1, weight_decay=0.01, b1=0.9, b2=0.95,
-                            eps=1e-8, grad_clip=1.0)
+OPT = dict(lr=1e-2, warmup_steps=2, min_lr_ratio=0.1, weight_decay=0.01, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0)
+
+
+def settings(loss="ce", opt=None, **train):
+    return make(train={"loss": loss, "steps": 50} | train, opt=OPT | (opt or {}))
 
 
 def tiny(arch="olmo2", intermediate=64):
@@ -34,13 +36,13 @@ def batch(kind="ce", n=8, seed=0):
     return collate(rows, seq_buckets=(32, 64), tgt_buckets=(16, 32))
 
 
-def run(cfg, params, b, *, loss="ce", steps=1, mesh=None, accum=1, remat=False, mask=None, teacher=None):
+def run(cfg, params, b, *, loss="ce", steps=1, mesh=None, accum=1, remat=False, mask=None, teacher=None, opt=None):
     mesh = mesh or make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    opt = build_optimizer(OPT, 50, mask)
-    state = init_state(place_params(cfg, params, mesh), opt, mesh)
+    r = settings(loss, opt, remat=remat)
+    optimizer = build_optimizer(r.opt, 50, mask)
+    state = init_state(place_params(cfg, params, mesh), optimizer, mesh)
     tparams = None if teacher is None else place_params(teacher[0], teacher[1], mesh)
-    fn = make_train_step(cfg, opt, LossConfig(kind=loss), teacher_cfg=None if teacher is None else teacher[0],
-                         remat=remat)
+    fn = make_train_step(cfg, optimizer, r, teacher_cfg=None if teacher is None else teacher[0])
     mb = split_micro_batches(b, accum)
     step = jit_train_step(fn, mesh, state, tparams, mb)
     losses = []
@@ -104,29 +106,32 @@ def test_tiny_model_overfits_tiny_set(loss):
     params = M.init_params(cfg, jax.random.key(0))
     teacher = (tiny(intermediate=96), M.init_params(tiny(intermediate=96), jax.random.key(5), std=0.5)) \
         if loss == "kl" else None
-    global OPT
-    saved, OPT = OPT, types.SimpleNamespace(**(vars(OPT) | {"lr": 3e-2, "min_lr_ratio": 1.0, "weight_decay": 0.0}))
-    try:
-        _, losses = run(cfg, params, batch(loss, n=4), loss=loss, steps=80, teacher=teacher)
-    finally:
-        OPT = saved
+    _, losses = run(cfg, params, batch(loss, n=4), loss=loss, steps=80, teacher=teacher,
+                    opt={"lr": 3e-2, "min_lr_ratio": 1.0, "weight_decay": 0.0})
     assert losses[-1] < 0.1 * losses[0], f"{loss}: {losses[0]:.3f} -> {losses[-1]:.3f}"
+
+
+def _loss(cfg, teacher_cfg, r, b):
+    """The step's loss of one batch (one micro-batch), as a function of the student's params."""
+    objective = Objective.from_settings(r)
+    counts, coef = objective.counts(b), objective.coefficients(0)
+    scale = {t: coef[t] / counts[t] for t in objective.terms}
+    fn = make_loss_fn(cfg, teacher_cfg, objective)
+    return lambda p, tp=None: fn(p, tp, b, scale, objective.temperature(0))[0], counts
 
 
 def test_kl_is_zero_when_student_is_teacher():
     cfg = tiny()
     params = M.init_params(cfg, jax.random.key(0))
-    fn = make_loss_fn(cfg, cfg, LossConfig(kind="kl"), remat=False)
-    s, n = fn(params, params, jax.tree.map(jnp.asarray, batch("kl")))
-    assert n > 0 and abs(float(s)) < 1e-5
+    loss, counts = _loss(cfg, cfg, settings("kl"), jax.tree.map(jnp.asarray, batch("kl")))
+    assert counts["kl"] > 0 and abs(float(loss(params, params))) < 1e-5
 
 
 def test_loss_gradient_matches_finite_differences():
     cfg = tiny()
     params = M.init_params(cfg, jax.random.key(0), std=0.1)
     b = jax.tree.map(jnp.asarray, batch("ce", n=2))
-    fn = make_loss_fn(cfg, None, LossConfig(kind="ce", chunk=8), remat=False)
-    loss = lambda p: fn(p, None, b)[0] / fn(p, None, b)[1]
+    loss, _ = _loss(cfg, None, make(train={"loss": "ce"}, distill={"chunk": 8}), b)
     direction = jax.tree.map(lambda x: jax.random.normal(jax.random.key(3), x.shape), params)
     analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(jax.grad(loss)(params)), jax.tree.leaves(direction)))
     eps = 1e-3
@@ -137,23 +142,27 @@ def test_loss_gradient_matches_finite_differences():
 
 def test_bad_values_give_clear_errors():
     with pytest.raises(OlmoJaxError, match="unknown loss 'mse'"):
-        LossConfig(kind="mse")
+        make(train={"loss": "mse"})
     with pytest.raises(OlmoJaxError, match="lr"):
-        build_optimizer(types.SimpleNamespace(**(vars(OPT) | {"lr": -1.0})), 10)
-    with pytest.raises(OlmoJaxError, match="batch size 6 is not divisible by data\\*fsdp = 4"):
+        make(opt={"lr": -1.0})
+    with pytest.raises(OlmoJaxError, match="micro-batch of 6 rows .* data x fsdp = 4"):
         check_batch_divisible(6, make_mesh(2, 2, 2))
     with pytest.raises(OlmoJaxError, match="not divisible by grad_accum 4"):
         split_micro_batches(batch("ce", n=6), 4)
     with pytest.raises(OlmoJaxError, match="needs a teacher"):
-        make_train_step(tiny(), build_optimizer(OPT, 10), LossConfig(kind="kl"))
+        r = settings("kl")
+        make_train_step(tiny(), build_optimizer(r.opt, 10), r)
 
 
 @pytest.mark.parametrize("kw, msg", [(dict(temperature=0.0), "distill temperature must be > 0"),
                                      (dict(alpha=1.5), "distill alpha must be in"),
-                                     (dict(kind="kl", source="disk"), "distill.source must be one of"),
-                                     (dict(kind="kl", source="cache", cache_kind="top"), "distill.cache.kind"),
-                                     (dict(kind="kl", source="cache", reverse=True), "forward KL only")])
-def test_loss_config_refuses_bad_values(kw, msg):
+                                     (dict(source="disk"), "distill.source: choose from"),
+                                     (dict(source="cache", cache={"kind": "top"}), "distill.cache.kind"),
+                                     (dict(source="cache", reverse=True), "forward token KL only"),
+                                     (dict(choice_weight=1.0, inputs="gold"), "needs inputs='choices'"),
+                                     (dict(token_weight=0.0), "nothing to distil")])
+def test_distill_settings_refuse_bad_values(kw, msg):
     with pytest.raises(OlmoJaxError, match=msg):
-        LossConfig(**kw)
-    assert LossConfig(kind="kl", source="cache").needs_teacher is False and LossConfig(kind="kl").needs_teacher
+        make(train={"loss": "kl"}, distill=kw)
+    kl, cached = make(train={"loss": "kl"}), make(train={"loss": "kl"}, distill={"source": "cache"})
+    assert Objective.from_settings(kl).needs_teacher and not Objective.from_settings(cached).needs_teacher

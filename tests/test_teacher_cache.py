@@ -293,9 +293,9 @@ KINDS = [("full", None, None), ("topk", 4, None), ("topk_tail", 4, 2.0), ("sampl
 
 
 def _build(directory, rows, teacher, kind, k, T, **kw):
-    args = dict(kind=kind, k=k, temperature=T, seed=5, teacher_fingerprint="teacher-A", rows_per_shard=2,
-                batch_size=2) | kw
-    return TC.build_cache(str(directory), rows, teacher, **args)
+    spec = {f: kw.pop(f) for f in ("dtype", "proposal_temperature", "teacher_fingerprint") if f in kw}
+    spec = TC.CacheSpec(**dict(kind=kind, k=k, temperature=T, seed=5, teacher_fingerprint="teacher-A") | spec)
+    return TC.build_cache(str(directory), rows, teacher, spec, **dict(rows_per_shard=2, batch_size=2) | kw)
 
 
 def _expect(kind, k, T, **kw):
@@ -436,11 +436,11 @@ def test_attach_collate_and_loss_equal_direct_entries(tmp_path):
     _build(tmp_path / "c", rows, teacher, kind, k, T)
     attached = TC.attach_cache(rows, TC.load_cache(str(tmp_path / "c"), rows, expect=_expect(kind, k, T)))
     batch = collate(attached[3:7], tgt_buckets=(16,), batch_size=5)
-    assert batch["cache_ids"].shape == (5, 16, k) and batch["cache_logp_tail"].shape == (5, 16, 1)
-    assert batch["cache_ids"].dtype == np.int32 and batch["cache_logp"].dtype == np.float32
+    cache = batch["cache"]  # the batch format's place for a cached teacher's entries
+    assert cache["ids"].shape == (5, 16, k) and cache["logp_tail"].shape == (5, 16, 1)
+    assert cache["ids"].dtype == np.int32 and cache["logp"].dtype == np.float32
     s3 = rows[3]["tgt_pos"].size
-    assert np.all(batch["cache_ids"][0, s3:] == 0) and np.all(batch["cache_logp"][4] == 0)
-    cache = TC.cache_from_batch(batch, kind)
+    assert np.all(cache["ids"][0, s3:] == 0) and np.all(cache["logp"][4] == 0)
     r = np.random.default_rng(0)
     hs, ws = r.normal(size=(5, 16, DT)).astype(np.float32), r.normal(size=(DT, VT)).astype(np.float32)
     got = L.cached_kl_loss(hs, ws, cache, batch["tgt_weight"], kind=kind, temperature=T, cache_temperature=T)
@@ -448,8 +448,8 @@ def test_attach_collate_and_loss_equal_direct_entries(tmp_path):
     want = L.cached_kl_loss(hs, ws, direct, batch["tgt_weight"], kind=kind, temperature=T, cache_temperature=T)
     np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-6)
     assert float(got[1]) == sum(r["tgt_pos"].size for r in rows[3:7])
-    _one_line_refusal("attach_cache the rows first", lambda: TC.cache_from_batch(collate(rows[:2]), kind))
-    with pytest.raises(ValueError, match="row 1's 'cache_ids' is missing"):
+    assert "cache" not in collate(rows[:2])
+    with pytest.raises(ValueError, match="row 1's cache entry 'ids' is missing"):
         collate([attached[0], rows[1]])
 
 
@@ -471,8 +471,8 @@ def test_model_teacher_cache_gives_the_online_kl(tmp_path):
     fp = TC.params_fingerprint(cfg, teacher)
     fn = TC.model_teacher_fn(cfg, teacher, kind="full", k=None)
     shape = dict(seq_buckets=(64,), tgt_buckets=(16,))  # one batch shape: one compile
-    TC.build_cache(str(tmp_path / "c"), rows, fn, kind="full", k=None, temperature=None, seed=0,
-                   teacher_fingerprint=fp, rows_per_shard=4, batch_size=4,
+    TC.build_cache(str(tmp_path / "c"), rows, fn, TC.CacheSpec("full", None, None, 0, fp), rows_per_shard=4,
+                   batch_size=4,
                    batch_fn=lambda rs: collate(rs, batch_size=4, **shape))
     entries = TC.load_cache(str(tmp_path / "c"), rows,
                             expect=dict(kind="full", k=None, temperature=None, seed=0, teacher_fingerprint=fp))
@@ -484,8 +484,7 @@ def test_model_teacher_cache_gives_the_online_kl(tmp_path):
         return M.gather_positions(h, batch["tgt_pos"]), M.head_weight(cfg, params)
 
     (hs, ws), (ht, wt) = hidden(student), hidden(teacher)
-    got = L.cached_kl_loss(hs, ws, TC.cache_from_batch(batch, "full"), batch["tgt_weight"], kind="full",
-                           temperature=2.0)
+    got = L.cached_kl_loss(hs, ws, batch["cache"], batch["tgt_weight"], kind="full", temperature=2.0)
     want = L.kl_loss(hs, ws, ht, wt, batch["tgt_weight"], temperature=2.0)
     np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)
 

@@ -2,15 +2,18 @@
 
 The questions, splits, renderings and tokenisation come from the task module `olmo_jax.csqa`.
 
-Rows by mode (one row per question, see olmo_jax/packing.py for the layout):
+Rows by loss (one row per question, see olmo_jax/packing.py for the layout):
   ce                      context + gold continuation; targets = the answer tokens (label used)
   kl, inputs="choices"    (default) the context once + the 5 choice continuations as branches;
-                          targets = every choice token (label-free). Position P-1 (the prompt's last
-                          token) is a target of each branch, as in 5 separate sequences.
+                          targets = every choice token (label-free), and `choice_chars` (each
+                          answer's characters, for choice-level KL). Position P-1 (the prompt's
+                          last token) is a target of each branch, as in 5 separate sequences.
   kl, inputs="question"   the context only; KL at every context position 0..P-1 (label-free;
                           `packing.pack_prompt`: the last target's tgt_tok is a placeholder 0)
   kl, inputs="gold"       exactly the CE row (ablation: leaks the label)
-  positions="all" (ce, kl choices/gold) adds the prompt's own next-token targets (group -1).
+  positions="all" (kl choices/gold) adds the prompt's own next-token targets (group -1);
+  positions="all_once" also weighs the P-1 targets 1/5 each in the KL (every position once).
+  A KL row carries `label` (the gold branch) only when its loss reads labels (alpha > 0).
 
 Batching (`Batcher`): epoch e visits the questions in `np.random.default_rng([seed, e]).permutation(n)`
 order, `batch_size` questions per step, the last `n % batch_size` of each permutation dropped. A batch
@@ -21,70 +24,65 @@ multi-host run gets the same shapes, and each host gets only its rows [i*B/P, (i
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from olmo_jax import csqa
+from olmo_jax.config import OlmoJaxError
+from olmo_jax.tasks import csqa
+from olmo_jax.tasks.tokenize import tokenize_pairs, tokenizer_pad_id
+from train.settings import DistillSettings, Settings
 from olmo_jax.packing import (DEFAULT_SEQ_BUCKETS, DEFAULT_TGT_BUCKETS, collate, pack_branches, pack_prompt,
                            pack_sequence, pick_bucket, row_lengths, tokens_in_batch)
 
-MODES = ("ce", "kl")
-KL_INPUTS = ("choices", "question", "gold")
-POSITIONS = ("continuation", "all")
-
-
 def tokenize_examples(examples, tokenizer) -> list[tuple[list[int], list[list[int]], int | None]]:
     """Per question: (context ids, [5 continuation ids], gold index or None when answerKey is None),
-    rendered and tokenised by the task module (`csqa.render`, `csqa.tokenize_pairs`)."""
+    rendered and tokenised by the task module (`csqa.render`, `tokenize_pairs`)."""
     examples = list(examples)
     for i, e in enumerate(examples):
         c = e["choices"]
         if len(c["text"]) != csqa.NUM_CHOICES or len(c["label"]) != csqa.NUM_CHOICES:
             raise ValueError(f"question {i}: expected {csqa.NUM_CHOICES} choices, got {c!r}")
-    pairs = csqa.tokenize_pairs(tokenizer, [csqa.render(e) for e in examples])
+    pairs = tokenize_pairs(tokenizer, [csqa.render(e) for e in examples])
     return [(ctx, conts, None if e.get("answerKey") is None else csqa.gold_index(e))
             for (ctx, conts), e in zip(pairs, examples)]
 
 
-# ---- rows by mode -------------------------------------------------------------------------------
-
-def _check_mode(mode: str, inputs: str, positions: str | None) -> str:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if inputs not in KL_INPUTS:
-        raise ValueError(f"inputs must be one of {KL_INPUTS}, got {inputs!r}")
-    if mode == "kl" and inputs == "question":
-        if positions not in (None, "all"):
-            raise ValueError("inputs='question' has no continuation: its KL is on all prompt positions "
-                             f"(positions='all'), got positions={positions!r}")
-        return "all"
-    positions = positions or "continuation"
-    if positions not in POSITIONS:
-        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
-    return positions
-
+# ---- rows by loss -------------------------------------------------------------------------------
 
 def build_example(context_ids: Sequence[int], choice_ids: Sequence[Sequence[int]], label: int | None, *,
-                  mode: str = "ce", inputs: str = "choices", positions: str | None = None) -> dict:
-    """One question's row. `label` (gold choice index) is needed by mode="ce" and kl inputs="gold"
-    only; kl inputs="choices"/"question" never look at it."""
-    positions = _check_mode(mode, inputs, positions)
-    if mode == "kl" and inputs == "choices":
-        return pack_branches(context_ids, choice_ids, loss_on=positions)
-    if mode == "kl" and inputs == "question":
+                  loss: str = "ce", distill: DistillSettings = DistillSettings(),
+                  choice_chars: Sequence[int] | None = None) -> dict:
+    """One question's row. `label` (gold choice index) is needed by the CE row, by kl inputs="gold"
+    and by a loss that reads labels (alpha > 0); kl inputs="choices"/"question" never look at it
+    otherwise. choice_chars: each continuation's characters (choice rows)."""
+    if loss == "ce" or distill.inputs == "gold":
+        if label is None:
+            raise ValueError(f"loss={loss!r} inputs={distill.inputs!r} needs the gold label")
+        row = pack_sequence(context_ids, choice_ids[label], loss_on="continuation" if loss == "ce" else
+                            ("continuation" if distill.positions == "continuation" else "all"))
+        if loss == "kl" and distill.max_alpha > 0:
+            row["label"] = np.int32(0)
+        return row
+    if distill.inputs == "question":
         return pack_prompt(context_ids)
-    if label is None:
-        raise ValueError(f"mode={mode!r} inputs={inputs!r} needs the gold label")
-    return pack_sequence(context_ids, choice_ids[label], loss_on=positions)
+    row = pack_branches(context_ids, choice_ids, loss_on="continuation" if distill.positions == "continuation" else "all",
+                        shared_once=distill.positions == "all_once")
+    if choice_chars is not None:
+        row["choice_chars"] = np.asarray(choice_chars, np.float32)
+    if distill.max_alpha > 0:
+        if label is None:
+            raise ValueError("a distillation loss with alpha > 0 reads labels: the row needs its gold label")
+        row["label"] = np.int32(label)
+    return row
 
 
-def build_rows(examples, tokenizer, *, mode: str = "ce", inputs: str = "choices",
-               positions: str | None = None) -> list[dict]:
+def build_rows(examples, tokenizer, *, loss: str = "ce", distill: DistillSettings = DistillSettings()) -> list[dict]:
     """Rows for every question of `examples` (CSQA row dicts), in order."""
-    _check_mode(mode, inputs, positions)
-    return [build_example(c, ch, lab, mode=mode, inputs=inputs, positions=positions)
-            for c, ch, lab in tokenize_examples(examples, tokenizer)]
+    examples = list(examples)
+    chars = [[len(c) for c in csqa.rc_continuations(e)] for e in examples]
+    return [build_example(c, ch, lab, loss=loss, distill=distill, choice_chars=n)
+            for (c, ch, lab), n in zip(tokenize_examples(examples, tokenizer), chars)]
 
 
 # ---- the batcher -------------------------------------------------------------------------------
@@ -168,30 +166,47 @@ class Batcher:
         idx = self.indices_at(step) if global_batch else self.local_indices_at(step)
         return int(self.seq_lens[idx].sum())
 
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return self.iterate()
 
-    def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-        step = start_step
-        while True:
-            yield self.batch_at(step)
-            step += 1
-
-
-def make_batcher(tokenizer, *, split: str = "train", mode: str = "ce", inputs: str = "choices",
-                 positions: str | None = None, batch_size: int, seed: int = 0, limit: int | None = None,
-                 limit_seed: int = 0, hf_hub: bool = False, pad_id: int | None = None,
-                 seq_buckets: Sequence[int] = DEFAULT_SEQ_BUCKETS,
-                 tgt_buckets: Sequence[int] = DEFAULT_TGT_BUCKETS,
-                 process_index: int = 0, process_count: int = 1) -> Batcher:
-    """csqa.load_split -> build_rows -> Batcher in one call."""
-    examples = csqa.load_split(split, hf_hub=hf_hub, limit=limit, limit_seed=limit_seed)
-    rows = build_rows(examples, tokenizer, mode=mode, inputs=inputs, positions=positions)
-    return Batcher(rows, batch_size=batch_size, seed=seed,
-                   pad_id=csqa.tokenizer_pad_id(tokenizer) if pad_id is None else pad_id,
-                   seq_buckets=seq_buckets, tgt_buckets=tgt_buckets,
-                   process_index=process_index, process_count=process_count)
+def row_kind(run: Settings, train_examples: int | None = None) -> tuple:
+    """What a run's rows depend on (two runs with the same kind share their rows)."""
+    d = run.distill
+    limit = train_examples if train_examples is not None else (run.data.train_examples or None)
+    if run.train.loss == "ce":
+        return ("ce", limit)
+    return ("kl", d.inputs, d.positions, d.max_alpha > 0, limit)
 
 
-__all__ = ["tokenize_examples", "build_example", "build_rows", "Batcher", "make_batcher", "tokens_in_batch",
-           "MODES", "KL_INPUTS", "POSITIONS"]
+def make_rows(run: Settings, tokenizer, *, split: str = "train", train_examples: int | None = None) -> list[dict]:
+    """The rows of `run`'s loss over `split` (its first run.data.train_examples questions, or
+    `train_examples`), in file order."""
+    limit = row_kind(run, train_examples)[-1]
+    try:
+        return build_rows(csqa.load_split(split, limit=limit), tokenizer, loss=run.train.loss, distill=run.distill)
+    except ValueError as e:
+        raise OlmoJaxError(str(e)) from e
+
+
+def make_batcher(run: Settings, tokenizer, *, rows: Sequence[dict] | None = None, split: str = "train",
+                 train_examples: int | None = None, process_index: int | None = None,
+                 process_count: int | None = None) -> Batcher:
+    """`run`'s batches (its rows: `make_rows`, or prebuilt `rows` of the same `row_kind`). CE and KL
+    runs with one seed see the same questions in the same order at every step."""
+    import jax
+    rows = make_rows(run, tokenizer, split=split, train_examples=train_examples) if rows is None else rows
+    try:
+        return Batcher(rows, batch_size=run.data.batch_size, seed=run.data.seed, pad_id=tokenizer_pad_id(tokenizer),
+                       seq_buckets=run.data.seq_buckets, tgt_buckets=run.data.tgt_buckets,
+                       process_index=jax.process_index() if process_index is None else process_index,
+                       process_count=jax.process_count() if process_count is None else process_count)
+    except ValueError as e:
+        raise OlmoJaxError(str(e)) from e
+
+
+def rows_are_branched(run: Settings) -> bool:
+    """Whether training rows pack several continuations as branches of one prompt (KL over the five
+    choices): fused attention kernels take plain causal rows only."""
+    return run.train.loss == "kl" and run.distill.inputs == "choices"
+
+
+__all__ = ["tokenize_examples", "build_example", "build_rows", "Batcher", "make_batcher", "make_rows", "row_kind",
+           "rows_are_branched", "tokens_in_batch"]

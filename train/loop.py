@@ -17,16 +17,18 @@ import time
 from typing import Any, Callable
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from olmo_jax import distributed
 from olmo_jax.cli import Interrupted
 from olmo_jax.config import ModelConfig, OlmoJaxError
+from olmo_jax.model import resolve_attention_impl
 from olmo_jax.sharding import place_params
 from train import step as step_lib
+from train.data import rows_are_branched
 from train.optim import make_schedule
+from train.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -156,9 +158,9 @@ class MetricsLog:
         self.tb.close()
 
 
-def global_batch(local: dict[str, np.ndarray], shardings) -> dict[str, jax.Array]:
+def global_batch(local: dict[str, Any], shardings) -> dict[str, Any]:
     """Assembles the global batch from each process's local rows (also right on one process)."""
-    return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in local.items()}
+    return jax.tree.map(lambda sh, v: jax.make_array_from_process_local_data(sh, v), shardings, local)
 
 
 def _initial_state(mngr, model_cfg: ModelConfig, params, optimizer, mesh: Mesh, donate: bool):
@@ -189,57 +191,49 @@ def step_shapes(batcher, start: int, total_steps: int) -> list[tuple[int, int]]:
     return sorted({batcher.shapes_at(s) for s in range(start, total_steps)})
 
 
-def train(*, workdir: str, model_cfg: ModelConfig, params, mesh: Mesh, batcher, total_steps: int,
-          opt_cfg, loss: step_lib.LossConfig, teacher: tuple[ModelConfig, Any] | None = None,
-          neuron_mask=None, grad_accum: int = 1, remat: bool = False, ckpt_every: int = 50,
-          keep: int = 2, log_every: int = 1, progress: bool = True, attention_impl: str = "xla",
-          eval_fn: Callable[[Any, int], dict] | None = None, eval_every: int = 0,
-          donate_params: bool = False) -> Any:
-    """Runs (or resumes) recovery training in `workdir`; returns the final params.
+def train(run: Settings, workdir: str, model_cfg: ModelConfig, params, mesh: Mesh, batcher, *,
+          teacher: tuple[ModelConfig, Any] | None = None, neuron_mask=None,
+          eval_fn: Callable[[Any, int], dict] | None = None, donate_params: bool = False,
+          save_final: bool = True) -> Any:
+    """Runs (or resumes) `run`'s recovery training in `workdir`; returns the final params.
 
     donate_params: the train state takes `params` over instead of copying them (one copy of the
-    student on the devices; the caller's arrays are invalid afterwards)."""
+    student on the devices; the caller's arrays are invalid afterwards). save_final: checkpoint
+    the final state (params and optimizer moments); a caller that saves the returned params itself
+    passes False (periodic and SIGTERM checkpoints are kept either way)."""
+    t = run.train
     os.makedirs(workdir, exist_ok=True)
-    optimizer = step_lib.build_optimizer(opt_cfg, total_steps, neuron_mask)
-    mngr = checkpoint_manager(os.path.join(workdir, "checkpoints"), every=ckpt_every, keep=keep)
-    state, start, restored = _initial_state(mngr, model_cfg, params, optimizer, mesh, donate_params)
-    if restored:
-        print(f"resumed from step {start}", flush=True)
-    teacher_params = None if teacher is None else place_params(teacher[0], teacher[1], mesh)
-    fn = step_lib.make_train_step(model_cfg, optimizer, loss, teacher_cfg=None if teacher is None else teacher[0],
-                                  remat=remat, lr_schedule=make_schedule(opt_cfg, total_steps),
-                                  attention_impl=attention_impl)
-    example = step_lib.split_micro_batches(batcher.batch_at(start), grad_accum)
-    step_fn = step_lib.jit_train_step(fn, mesh, state, teacher_params, example)
+    mngr = checkpoint_manager(os.path.join(workdir, "checkpoints"), every=t.ckpt_every, keep=t.keep)
+    state, start, restored, step_fn, teacher_params = _setup(run, mngr, model_cfg, params, mesh, batcher, teacher,
+                                                             neuron_mask, donate_params)
     metrics_log = MetricsLog(workdir, start)
-    bar = _progress(progress, start, total_steps)
+    bar = _progress(t.progress, start, t.steps)
     last_good = start if restored else None
     try:
         with _SigtermFlag() as sigterm:
-            for step in range(start, total_steps):
+            for step in range(start, t.steps):
                 t0 = time.perf_counter()
-                mb = step_lib.split_micro_batches(batcher.batch_at(step), grad_accum)
+                mb = step_lib.split_micro_batches(batcher.batch_at(step), t.grad_accum)
                 state, metrics = step_fn(state, teacher_params, global_batch(mb, step_lib.batch_shardings(mesh, mb)))
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 dt = time.perf_counter() - t0
                 _check_finite(metrics, step, last_good)
                 metrics |= {"step_time_s": dt, "tokens_per_s": batcher.tokens_in_batch(step) / dt}
                 done = step + 1
-                if eval_fn is not None and eval_every and done % eval_every == 0:
+                if eval_fn is not None and t.eval_every and done % t.eval_every == 0:
                     metrics |= eval_fn(state["params"], done)
-                if done % log_every == 0 or done == total_steps:
+                if done % t.log_every == 0 or done == t.steps:
                     metrics_log.write(done, metrics)
                 # a SIGTERM may reach only some hosts; all must save the same step together,
                 # since an Orbax save is collective
                 stop = distributed.any_process(sigterm.set)
-                if mngr.should_save(done) or done == total_steps or stop:
+                final = done == t.steps
+                if _save_due(mngr, done, final, save_final, stop):
                     mngr.save(done, args=ocp.args.StandardSave(state), force=True)
                     mngr.wait_until_finished()
                     last_good = done
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-                if stop and done < total_steps:
+                _show(bar, metrics)
+                if stop and not final:
                     raise Preempted(done)
     finally:
         if bar is not None:
@@ -247,6 +241,32 @@ def train(*, workdir: str, model_cfg: ModelConfig, params, mesh: Mesh, batcher, 
         metrics_log.close()
         mngr.close()
     return state["params"]
+
+
+def _save_due(mngr, done: int, final: bool, save_final: bool, stop: bool) -> bool:
+    """Periodic checkpoints, the final state unless the caller persists the params itself, and
+    always on SIGTERM."""
+    return (mngr.should_save(done) and not final) or (final and save_final) or stop
+
+
+def _setup(run: Settings, mngr, model_cfg, params, mesh, batcher, teacher, neuron_mask, donate: bool):
+    """(state, start step, restored?, the jitted step, the teacher's params on the mesh)."""
+    optimizer = step_lib.build_optimizer(run.opt, run.train.steps, neuron_mask)
+    state, start, restored = _initial_state(mngr, model_cfg, params, optimizer, mesh, donate)
+    if restored:
+        print(f"resumed from step {start}", flush=True)
+    teacher_params = None if teacher is None else place_params(teacher[0], teacher[1], mesh)
+    impl = resolve_attention_impl(run.model.attention_impl, branched=rows_are_branched(run))
+    fn = step_lib.make_train_step(model_cfg, optimizer, run, teacher_cfg=None if teacher is None else teacher[0],
+                                  lr_schedule=make_schedule(run.opt, run.train.steps), attention_impl=impl)
+    example = step_lib.split_micro_batches(batcher.batch_at(start), run.train.grad_accum)
+    return state, start, restored, step_lib.jit_train_step(fn, mesh, state, teacher_params, example), teacher_params
+
+
+def _show(bar, metrics: dict) -> None:
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
 
 
 def _progress(enabled: bool, start: int, total: int):

@@ -49,7 +49,7 @@ MU_DTYPES = {"": None, "float32": "float32", "bfloat16": "bfloat16"}
 
 NO_DECAY_SUBSTRINGS = ("norm", "embed")
 
-__all__ = ["DEFAULTS", "make_optimizer", "make_schedule", "decay_mask", "path_names", "is_decayed_path"]
+__all__ = ["DEFAULTS", "make_optimizer", "make_schedule", "decay_mask", "path_names", "is_decayed_path", "validate"]
 
 
 def _get(cfg, name):
@@ -155,3 +155,8 @@ def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
     adamw = optax.adamw(schedule, b1=c["b1"], b2=c["b2"], eps=c["eps"], mu_dtype=c["mu_dtype"],
                         weight_decay=c["weight_decay"], mask=decay_mask)
     return optax.chain(clip, adamw)
+
+
+def validate(opt_cfg, total_steps: int) -> None:
+    """ValueError naming the field for any setting `make_optimizer` would refuse."""
+    _validated(opt_cfg, total_steps)

@@ -3,38 +3,52 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from olmo_jax import fsutil
 
 
 def rows(results: dict) -> list[dict]:
-    """One row per pruned model: no recovery, and each recovery method."""
+    """One row per model of the study: each pruned model unrecovered, and each recovery run, in
+    the order they ran."""
+    runs = {name: r for name, r in results["runs"].items() if "key" in r}
+    reports = {(r["key"]["criterion"], r["key"]["ratio"]): r["report"] for r in runs.values() if "report" in r}
     out = []
-    runs = results["runs"]
     for name, r in runs.items():
-        if name.startswith("prune-"):
-            rep = r["report"]
-            out.append(dict(name=name, criterion=rep["criterion"], ratio=rep["ratio"], method="none",
-                            retention_all=rep["retention_all_params"], retention_mlp=rep["retention_mlp_params"],
-                            train_examples=0, steps=0, lr=None, eval=r["eval"], train_wall_s=0.0, train_flops=0.0))
-    reports = {(r["criterion"], r["ratio"]): r for r in out}
-    for name, r in runs.items():
-        if name.startswith("run-"):
-            base = reports[(r["criterion"], r["ratio"])]
-            out.append(dict(name=name, criterion=r["criterion"], ratio=r["ratio"], method=r["method"],
-                            retention_all=base["retention_all"], retention_mlp=base["retention_mlp"],
-                            train_examples=r["train_examples"], steps=r["steps"], lr=r.get("lr"), eval=r["eval"],
-                            train_wall_s=r["train_wall_s"], train_flops=r["train_flops"],
-                            resumed=r.get("resumed_from_step") is not None))
+        k = r["key"]
+        rep = reports.get((k["criterion"], k["ratio"]))
+        out.append(dict(name=name, criterion=k["criterion"], ratio=k["ratio"], method=k["method"], seed=k["seed"],
+                        variant=k["variant"],
+                        retention_all=None if rep is None else rep["retention_all_params"],
+                        retention_mlp=None if rep is None else rep["retention_mlp_params"],
+                        train_examples=r.get("train_examples", 0), steps=r.get("steps", 0), lr=r.get("lr"),
+                        eval=r["eval"], suite=r.get("suite"), lambada=r.get("lambada"),
+                        train_wall_s=r.get("train_wall_s", 0.0), train_flops=r.get("train_flops", 0.0),
+                        resumed=r.get("resumed_from_step") is not None, reads_labels=r.get("reads_labels")))
     return out
+
+
+def _fmt(x, spec=".4f", none="-"):
+    return none if x is None else format(x, spec)
+
+
+def _macro(r) -> float | None:
+    return None if not r.get("suite") or not r["suite"].get("macro") else r["suite"]["macro"]["mean"]
+
+
+def _lambada(r) -> float | None:
+    return None if not r.get("lambada") else r["lambada"]["loss_per_token"]
 
 
 def markdown(results: dict) -> str:
     lines = []
     dense = results.get("dense")
     if dense:
-        pm = dense["primary_metric"]
-        lines.append(f"Dense (teacher): {pm} = {dense[pm]:.4f} [{dense['ci95'][0]:.3f}, {dense['ci95'][1]:.3f}], "
-                     f"n = {dense['n']}\n")
+        e = dense["eval"]
+        pm = e["primary_metric"]
+        lines.append(f"Dense (teacher): CSQA {pm} = {e[pm]:.4f} [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}], n = {e['n']}"
+                     + (f"; suite macro {_macro(dense):.4f}" if _macro(dense) is not None else "")
+                     + (f"; LAMBADA loss {_lambada(dense):.3f}" if _lambada(dense) is not None else "") + "\n")
     tuning = results.get("tuning")
     if tuning:
         lines.append(f"Tuned on the heldout split ({tuning['criterion']} {tuning['ratio']}): " + "; ".join(
@@ -44,37 +58,79 @@ def markdown(results: dict) -> str:
                 f"{lr}: " + ", ".join(f"{st} -> {a:.4f}" for st, a in sorted(c.items(), key=lambda x: int(x[0])))
                 for lr, c in g.items()))
         lines.append("")
-    lines.append("| run | criterion | ratio | retention all / MLP | method | examples | steps | lr | acc_per_char [95% CI] | acc_raw | ECE | train s | train TFLOP |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("| run | criterion | ratio | retention all / MLP | method | examples | steps | lr | CSQA acc [95% CI] | "
+                 "suite macro | LAMBADA loss | ECE | train s | train TFLOP |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     table = rows(results)
     for r in table:
         e = r["eval"]
         pm = e["primary_metric"]
+        ret = "-" if r["retention_all"] is None else f"{r['retention_all']:.3f} / {r['retention_mlp']:.3f}"
         lines.append(
-            f"| {r['name']} | {r['criterion']} | {r['ratio']} | {r['retention_all']:.3f} / {r['retention_mlp']:.3f} | "
-            f"{r['method']} | {r['train_examples']} | {r['steps']} | {'' if r['lr'] is None else format(r['lr'], 'g')} | {e[pm]:.4f} [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}] | "
-            f"{e['acc_raw']:.4f} | {e['calibration']['ece']:.4f} | {r['train_wall_s']:.0f}{'*' if r.get('resumed') else ''} | "
-            f"{r['train_flops'] / 1e12:.1f} |")
+            f"| {r['name']} | {r['criterion']} | {r['ratio']} | {ret} | {r['method']} | {r['train_examples']} | "
+            f"{r['steps']} | {'' if r['lr'] is None else format(r['lr'], 'g')} | {e[pm]:.4f} [{e['ci95'][0]:.3f}, "
+            f"{e['ci95'][1]:.3f}] | {_fmt(_macro(r))} | {_fmt(_lambada(r), '.3f')} | {e['calibration']['ece']:.4f} | "
+            f"{r['train_wall_s']:.0f}{'*' if r.get('resumed') else ''} | {r['train_flops'] / 1e12:.1f} |")
     if any(r.get("resumed") for r in table):
         lines.append("\n\\* resumed from a checkpoint: train s counts the last launch only.")
+    suite = suite_markdown(([("dense", dense)] if dense else []) + [(r["name"], r) for r in table])
+    if suite:
+        lines.append(suite)
     if results.get("comparisons"):
-        lines.append("\nPaired bootstrap, KL run minus its baseline (same questions):\n")
-        lines.append("| comparison | mean diff | 95% CI | p |")
-        lines.append("|---|---|---|---|")
-        for k, c in results["comparisons"].items():
-            lines.append(f"| {k} | {c['mean_diff']:+.4f} | [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] | {c['p_value']:.3f} |")
+        lines.append(comparisons_markdown(results["comparisons"]))
     if results.get("caches"):
         lines.append("\nTeacher caches (built once, offline; the cached KL runs load no teacher):\n")
         lines.append("| cache | kind | k | rows | MB | bytes per question | build s |")
         lines.append("|---|---|---|---|---|---|---|")
         for name, c in results["caches"].items():
-            lines.append(f"| {name} | {c['kind']} | {c['k'] or ''} | {c['rows']} | {c['file_bytes'] / 1e6:.1f} | "
+            lines.append(f"| {name} | {c['cache_kind']} | {c['k'] or ''} | {c['rows']} | {c['file_bytes'] / 1e6:.1f} | "
                          f"{c['bytes_per_row']:.0f} | {c['build_s']:.0f} |")
     if results.get("edge"):
         lines.append(edge_markdown(results["edge"]))
     if results.get("speed"):
         lines.append(speed_markdown(results["speed"]))
     return "\n".join(lines) + "\n"
+
+
+def suite_markdown(models: list[tuple[str, dict]]) -> str:
+    """Per model, each suite task's primary metric and the macro average (the suite's columns)."""
+    models = [(name, r["suite"]) for name, r in models if r.get("suite")]
+    if not models:
+        return ""
+    tasks = list(models[0][1]["tasks"])
+    short = [t.split(":")[0] for t in tasks]
+    limit = models[0][1].get("limit")
+    lines = [f"\nOLMES suite ({', '.join(sorted({t.split(':')[1] for t in tasks}))}, "
+             f"{'first ' + str(limit) + ' documents per task' if limit else 'every document'}; primary metric per task):\n",
+             "| model | " + " | ".join(short) + " | macro [95% CI] |", "|---" * (len(tasks) + 2) + "|"]
+    for name, s in models:
+        m = s.get("macro") or {}
+        cells = [f"{s['tasks'][t][s['tasks'][t]['primary_metric']]:.3f}" if t in s["tasks"] else "-" for t in tasks]
+        macro = f"{m['mean']:.4f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]" if m else "-"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {macro} |")
+    return "\n".join(lines)
+
+
+def comparisons_markdown(comparisons: list[dict]) -> str:
+    lines = ["\nPaired differences, run minus baseline on the same questions (seeds pooled; LAMBADA: loss, "
+             "negative = better):\n", "| run | seeds | baseline | metric | diff | 95% CI | p |", "|---|---|---|---|---|---|---|"]
+    for c in comparisons:
+        seeds = ",".join(map(str, c["seeds"])) or "-"
+        lines.append(f"| {c['run']} | {seeds} | {c['baseline']} | {c['metric']} | {c['diff']:+.4f} | "
+                     f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] | {c['p']:.3f} |")
+    return "\n".join(lines)
+
+
+def _acc(r) -> float:
+    return r["eval"][r["eval"]["primary_metric"]]
+
+
+def _mean_over_seeds(rs: list[dict], x: str) -> list[tuple[float, float, float, float]]:
+    """(x, mean accuracy, lowest, highest) per x, over the seeds of each point."""
+    points = {}
+    for r in rs:
+        points.setdefault(r[x], []).append(_acc(r))
+    return [(k, float(np.mean(v)), min(v), max(v)) for k, v in sorted(points.items())]
 
 
 def plots(results: dict, workdir: str) -> list[str]:
@@ -88,12 +144,12 @@ def plots(results: dict, workdir: str) -> list[str]:
     n_main = results["config"]["data"]["train_examples"]
     dense = results.get("dense")
 
-    def by_method(key, filt):
+    def by_method(filt):
         groups = {}
         for r in data:
             if filt(r):
                 groups.setdefault(r["method"], []).append(r)
-        return {m: sorted(v, key=lambda r: r[key]) for m, v in groups.items()}
+        return groups
 
     def save(fig, name):
         path = os.path.join(workdir, name)
@@ -102,50 +158,90 @@ def plots(results: dict, workdir: str) -> list[str]:
         plt.close(fig)
         made.append(name)
 
-    main = lambda r: r["criterion"] == main_crit and "-n" not in r["name"] and "eqflops" not in r["name"]
+    main = by_method(lambda r: r["criterion"] == main_crit and not r["variant"] and r["retention_all"] is not None)
+    if len({r["ratio"] for rs in main.values() for r in rs}) > 1:
+        _retention_plots(main, dense, save)
+    focus = results["config"]["pipeline"]["data_size_ratio"]
+    groups = by_method(lambda r: r["criterion"] == main_crit and r["ratio"] == focus and r["method"] != "none"
+                       and r["variant"] in ("",) + tuple(f"n{n}" for n in results["config"]["pipeline"]["data_sizes"]))
+    if any(len({r["train_examples"] for r in v}) > 1 for v in groups.values()):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for m, rs in groups.items():
+            pts = _mean_over_seeds([dict(r, n=r["train_examples"] or n_main) for r in rs], "n")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+        ax.set(xscale="log", xlabel="training examples", ylabel="CSQA accuracy",
+               title=f"Accuracy vs training examples at ratio {focus}")
+        ax.legend()
+        save(fig, "accuracy_vs_examples.png")
+    curve_plots(results, workdir, save)
+    return made
+
+
+def _retention_plots(main: dict, dense: dict | None, save) -> None:
+    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
-    for m, rs in by_method("retention_all", main).items():
-        acc = [r["eval"][r["eval"]["primary_metric"]] for r in rs]
-        err = [[a - r["eval"]["ci95"][0] for a, r in zip(acc, rs)], [r["eval"]["ci95"][1] - a for a, r in zip(acc, rs)]]
-        ax.errorbar([r["retention_all"] for r in rs], acc, yerr=err, marker="o", capsize=3, label=m)
+    for m, rs in main.items():
+        pts = _mean_over_seeds(rs, "retention_all")
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]],
+                    marker="o", capsize=3, label=m)
     if dense:
-        ax.axhline(dense[dense["primary_metric"]], color="gray", ls="--", label="dense")
-    ax.set(xlabel="parameter retention (all parameters)", ylabel="acc_per_char", title="CSQA accuracy vs retention")
+        ax.axhline(_acc(dense), color="gray", ls="--", label="dense")
+    ax.set(xlabel="parameter retention (all parameters)", ylabel="CSQA accuracy (mean over seeds; bars: range)",
+           title="CSQA accuracy vs retention")
     ax.legend()
     save(fig, "accuracy_vs_retention.png")
-
     fig, ax = plt.subplots(figsize=(6, 4))
-    for m, rs in by_method("retention_all", main).items():
-        ax.plot([r["retention_all"] for r in rs], [r["eval"]["calibration"]["ece"] for r in rs], marker="o", label=m)
+    for m, rs in main.items():
+        rs = sorted(rs, key=lambda r: r["retention_all"])
+        ax.plot([r["retention_all"] for r in rs], [r["eval"]["calibration"]["ece"] for r in rs], marker="o", ls="",
+                label=m)
     ax.set(xlabel="parameter retention (all parameters)", ylabel="ECE (15 bins)", title="Calibration vs retention")
     ax.legend()
     save(fig, "ece_vs_retention.png")
 
-    focus = results["config"]["pipeline"]["data_size_ratio"]
-    sized = lambda r: (r["criterion"] == main_crit and r["ratio"] == focus and r["method"] != "none"
-                       and "eqflops" not in r["name"])
-    groups = by_method("train_examples", sized)
-    if any(len(v) > 1 for v in groups.values()):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for m, rs in groups.items():
-            acc = [r["eval"][r["eval"]["primary_metric"]] for r in rs]
-            ax.plot([r["train_examples"] or n_main for r in rs], acc, marker="o", label=m)
-        ax.set(xscale="log", xlabel="training examples", ylabel="acc_per_char",
-               title=f"Accuracy vs training examples at ratio {focus}")
-        ax.legend()
-        save(fig, "accuracy_vs_examples.png")
-    return made
+
+def curves(workdir: str, runs: dict) -> dict[str, list[dict]]:
+    """Per recovery run, the curve points its training logged (heldout_acc, lambada_loss by step)."""
+    import json
+    out = {}
+    for name in runs:
+        path = os.path.join(workdir, name, "train", "metrics.jsonl")
+        if os.path.isfile(path):
+            pts = [json.loads(line) for line in open(path)]
+            pts = [{k: p[k] for k in ("step", "heldout_acc", "lambada_loss") if k in p} for p in pts if "heldout_acc" in p]
+            if pts:
+                out[name] = pts
+    return out
+
+
+def curve_plots(results: dict, workdir: str, save) -> None:
+    import matplotlib.pyplot as plt
+    found = results.get("curves") or {}
+    if not found:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, pts in found.items():
+        r = results["runs"][name]
+        label = f"{r['key']['method']} {r['key']['criterion']} {r['key']['ratio']}" + (
+            f" s{r['key']['seed']}" if r["key"]["seed"] is not None else "")
+        steps = [p["step"] for p in pts]
+        axes[0].plot(steps, [p["heldout_acc"] for p in pts], marker=".", label=label)
+        if all("lambada_loss" in p for p in pts):
+            axes[1].plot(steps, [p["lambada_loss"] for p in pts], marker=".", label=label)
+    axes[0].set(xlabel="step", ylabel="heldout CSQA accuracy", title="Recovery curves: CSQA (heldout)")
+    axes[1].set(xlabel="step", ylabel="LAMBADA loss per token", title="Recovery curves: LAMBADA")
+    axes[0].legend(fontsize=7)
+    save(fig, "recovery_curves.png")
 
 
 def step_speed(workdir: str) -> dict[str, dict]:
-    """Per training stage (run-*, tune-*): median step time and tokens/s from its metrics.jsonl,
-    step 1 (compilation) excluded."""
+    """Per training stage: median step time and tokens/s from its metrics.jsonl, step 1
+    (compilation) excluded."""
     import json
-    import numpy as np
     out = {}
     for name in sorted(os.listdir(workdir)):
         path = os.path.join(workdir, name, "train", "metrics.jsonl")
-        if not name.startswith(("run-", "tune-")) or not os.path.isfile(path):
+        if not os.path.isfile(path):
             continue
         recs = [json.loads(line) for line in open(path)][1:]
         if recs:
@@ -158,7 +254,9 @@ def step_speed(workdir: str) -> dict[str, dict]:
 
 def edge_markdown(edge: dict) -> str:
     threads = sorted({t for e in edge.values() for q in e["quants"] for t in q.get("llamacpp", {})}, key=int)
-    tps = lambda q, key: " / ".join(f"{q['llamacpp'][t][key]:.0f}" if t in q.get("llamacpp", {}) else "-" for t in threads)  # noqa: E731
+    def tps(q, key):  # * marks a timing other processes contended (olmo_jax/cpuload.py)
+        lc = q.get("llamacpp", {})
+        return " / ".join(f"{lc[t][key]:.0f}{'*' if lc[t].get('contended') else ''}" if t in lc else "-" for t in threads)
     lines = [f"\nOn the edge: llama.cpp (xllamacpp, CPU) tokens/s at {' / '.join(threads) or '-'} threads; accuracy of "
              "the quantised file, read back and scored by our eval:\n",
              "| model | width | quant | file MB | prompt tok/s | gen tok/s | peak RSS MB | acc_per_char |",
@@ -187,6 +285,7 @@ def speed_markdown(speed: dict[str, dict]) -> str:
 
 def write_report(results: dict, workdir: str) -> None:
     results["speed"] = step_speed(workdir)
+    results["curves"] = curves(workdir, results["runs"])
     results["plots"] = plots(results, workdir)
     fsutil.atomic_write_json(os.path.join(workdir, "results.json"), results)
     fsutil.atomic_write_text(os.path.join(workdir, "results.md"), markdown(results))
@@ -199,7 +298,8 @@ def main(argv):
 
     from olmo_jax.cli import user_errors
     from olmo_jax.config import OlmoJaxError
-    from train.stages import CONFIG_FILE, collect
+    from train.study.results import collect
+    from train.study.store import CONFIG_FILE
     workdir = flags.FLAGS.workdir
     with user_errors():
         if not workdir or not os.path.isfile(os.path.join(workdir, CONFIG_FILE)):

@@ -50,59 +50,20 @@ from olmo_jax import distributed
 from olmo_jax.config import OlmoJaxError
 from olmo_jax.fsutil import atomic_write_json
 from train import losses
-from olmo_jax.packing import collate
+from train.cache_spec import CacheSpec, data_fingerprint, params_fingerprint  # noqa: F401 (part of this API)
+from train.losses.entries import model_teacher_fn  # noqa: F401 (part of this module's API)
+from olmo_jax.packing import CACHE, collate
 
 FORMAT = "olmo_jax.teacher_cache"
 VERSION = 1
 MANIFEST = "manifest.json"
-PREFIX = "cache_"  # row / batch keys of attached entries: "cache_ids", "cache_logp", ...
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 EXPECT_REQUIRED = ("kind", "k", "temperature", "seed", "teacher_fingerprint")
 EXPECT_OPTIONAL = ("proposal_temperature", "dtype")
-_FINGERPRINT_KEYS = ("tokens", "positions", "segment_ids", "tgt_pos")
 _PAD_ROW = 0xFFFFFFFF  # fold_in index of padding rows' keys (their entries are discarded)
 
-__all__ = ["build_cache", "load_cache", "attach_cache", "cache_from_batch", "row_keys",
+__all__ = ["CacheSpec", "build_cache", "load_cache", "attach_cache", "row_keys",
            "params_fingerprint", "data_fingerprint", "model_teacher_fn"]
-
-
-# ---- fingerprints ---------------------------------------------------------------------------------
-
-def params_fingerprint(cfg, params, *, per_axis: int = 8) -> str:
-    """A cheap deterministic teacher id: sha256 over the config and, for every parameter leaf, its
-    path, shape, dtype and the values at a fixed strided grid (at most `per_axis` indices per axis,
-    so a [L, D, F] leaf contributes <= 512 values). The samples are gathered to the host (a
-    collective for arrays spanning processes: every process must call this) and are bit-exact
-    whatever the sharding, so the same checkpoint gives the same id on any mesh. It tells apart
-    different checkpoints (retrained, pruned, another model), not an edit of one unsampled weight.
-    """
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    strided = jax.jit(lambda xs: [x[tuple(slice(None, None, max(1, -(-d // per_axis))) for d in x.shape)]
-                                  for x in xs])
-    samples = distributed.to_host(strided([x for _, x in leaves]))
-    h = hashlib.sha256(json.dumps(_config_dict(cfg), sort_keys=True, default=str).encode())
-    for (path, x), s in zip(leaves, samples):
-        h.update(f"|{jax.tree_util.keystr(path)}|{tuple(x.shape)}|{x.dtype}|".encode())
-        h.update(np.ascontiguousarray(s).tobytes())
-    return "sha256:" + h.hexdigest()
-
-
-def _config_dict(cfg):
-    if dataclasses.is_dataclass(cfg):
-        return dataclasses.asdict(cfg)
-    return dict(cfg) if hasattr(cfg, "keys") else repr(cfg)
-
-
-def data_fingerprint(rows: Sequence[dict]) -> str:
-    """sha256 of the rows' tokens, positions, segment ids and target positions (what the teacher
-    sees and where its outputs are taken), in order."""
-    h = hashlib.sha256(f"rows={len(rows)}".encode())
-    for r in rows:
-        for key in _FINGERPRINT_KEYS:
-            a = np.ascontiguousarray(r[key], np.int32)
-            h.update(f"|{key}:{a.size}|".encode())
-            h.update(a.tobytes())
-    return "sha256:" + h.hexdigest()
 
 
 def row_keys(seed: int, indices) -> jax.Array:
@@ -114,10 +75,8 @@ def row_keys(seed: int, indices) -> jax.Array:
 
 # ---- building -------------------------------------------------------------------------------------
 
-def build_cache(directory: str, rows: Sequence[dict], teacher_fn: Callable, *, kind: str, k: int | None,
-                temperature: float | None, seed: int, teacher_fingerprint: str, rows_per_shard: int,
-                batch_size: int = 8, batch_fn: Callable | None = None, proposal_temperature: float = 1.0,
-                dtype: str = "float32", overwrite: bool = False) -> dict:
+def build_cache(directory: str, rows: Sequence[dict], teacher_fn: Callable, spec: CacheSpec, *, rows_per_shard: int,
+                batch_size: int = 8, batch_fn: Callable | None = None, overwrite: bool = False) -> dict:
     """Builds (or finishes) the cache of `rows` in `directory` and returns its manifest.
 
     teacher_fn(batch, keys_B) -> dict of [B, S, K] arrays (`losses.CACHE_KEYS[kind]`, as made by
@@ -126,15 +85,13 @@ def build_cache(directory: str, rows: Sequence[dict], teacher_fn: Callable, *, k
       get a fixed key). Multi-host: it gets this process's rows and returns their entries.
     batch_fn(rows) -> batch: default `collate(rows, batch_size=batch_size)`; must accept an empty
       list (multi-host lockstep) and give at least len(rows) rows.
-    kind / k / temperature / proposal_temperature: as `losses.teacher_cache_entries` (k is k or n;
-      None for full). They, the seed, dtype, fingerprints and row layout define the build id.
-    dtype: storage dtype of log-probs / weights ("float32", "bfloat16", "float16"); ids are int32.
+    spec: kind / k / temperature / proposal_temperature as `losses.teacher_cache_entries` (k is k
+      or n; None for full); dtype: storage dtype of log-probs / weights ("float32", "bfloat16",
+      "float16"; ids are int32). The spec, the data fingerprint and the row layout define the build id.
     overwrite: clear a directory holding another build instead of refusing it.
     """
     rows = list(rows)
-    cfg = _build_config(rows, kind=kind, k=k, temperature=temperature, seed=seed, dtype=dtype,
-                        teacher_fingerprint=teacher_fingerprint, rows_per_shard=rows_per_shard,
-                        proposal_temperature=proposal_temperature)
+    cfg = _build_config(rows, rows_per_shard=rows_per_shard, **dataclasses.asdict(spec))
     _check_int("batch_size", batch_size)
     batch_fn = batch_fn or (lambda rs: collate(rs, batch_size=batch_size))
     directory = os.path.abspath(directory)
@@ -351,7 +308,7 @@ def _read_manifest(directory) -> dict | None:
         return json.load(f)
 
 
-def load_cache(directory: str, rows: Sequence[dict], *, expect: dict) -> list[dict]:
+def load_cache(directory: str, rows: Sequence[dict], *, expect: CacheSpec | dict) -> list[dict]:
     """The cached entries of `rows`: one dict per row of [S_row, K] arrays (`losses.CACHE_KEYS`).
 
     expect: what the caller is about to train with: kind, k, temperature, seed and
@@ -361,6 +318,7 @@ def load_cache(directory: str, rows: Sequence[dict], *, expect: dict) -> list[di
     """
     directory = os.path.abspath(directory)
     rows = list(rows)
+    expect = expect.expect() if isinstance(expect, CacheSpec) else expect
     manifest = _read_manifest(directory)
     if manifest is None:
         raise OlmoJaxError(f"teacher cache {directory} is incomplete: no {MANIFEST} (its build did not "
@@ -423,8 +381,8 @@ def _load_shard(directory, shard, manifest, rows) -> list[dict]:
 # ---- using the entries --------------------------------------------------------------------------
 
 def attach_cache(rows: Sequence[dict], entries: Sequence[dict]) -> list[dict]:
-    """New rows with the entries as extra target-axis keys ("cache_ids" [S_row, k], ...), which
-    `collate` pads along S like the tgt_* keys."""
+    """New rows whose `cache` key holds the entries ({"ids": [S_row, k], ...}), which `collate`
+    stacks into batch["cache"] and pads along S like the tgt_* keys (olmo_jax/packing.py)."""
     if len(rows) != len(entries):
         raise OlmoJaxError(f"attach_cache: {len(rows)} rows but {len(entries)} cache entries")
     out = []
@@ -433,30 +391,5 @@ def attach_cache(rows: Sequence[dict], entries: Sequence[dict]) -> list[dict]:
             if v.shape[0] != r["tgt_pos"].shape[0]:
                 raise OlmoJaxError(f"attach_cache: row {i} has {r['tgt_pos'].shape[0]} targets, "
                                    f"its {key!r} entry {v.shape[0]}")
-        out.append({**r, **{PREFIX + key: v for key, v in e.items()}})
+        out.append({**r, CACHE: dict(e)})
     return out
-
-
-def cache_from_batch(batch: dict, kind: str) -> dict:
-    """The `cached_kl_loss` entry dict of a collated batch with attached entries."""
-    missing = [PREFIX + key for key in losses.CACHE_KEYS[kind] if PREFIX + key not in batch]
-    if missing:
-        raise OlmoJaxError(f"batch has no cached teacher entries {missing} (attach_cache the rows first)")
-    return {key: batch[PREFIX + key] for key in losses.CACHE_KEYS[kind]}
-
-
-def model_teacher_fn(cfg, params, *, kind: str, k: int | None, temperature: float | None = None,
-                     proposal_temperature: float = 1.0, chunk: int | None = losses.DEFAULT_CHUNK) -> Callable:
-    """A jitted `teacher_fn(batch, keys)` for `build_cache`: the model's final hidden states at the
-    batch's target positions, then `losses.teacher_cache_entries`."""
-    from olmo_jax.model import gather_positions, head_weight, hidden_states
-
-    @jax.jit
-    def entries(params, tokens, positions, segment_ids, tgt_pos, keys):
-        h = hidden_states(cfg, params, tokens, positions, segment_ids)
-        return losses.teacher_cache_entries(gather_positions(h, tgt_pos), head_weight(cfg, params), kind, k,
-                                            keys, temperature=temperature,
-                                            proposal_temperature=proposal_temperature, chunk=chunk)
-
-    return lambda batch, keys: entries(params, batch["tokens"], batch["positions"], batch["segment_ids"],
-                                       batch["tgt_pos"], keys)

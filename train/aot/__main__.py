@@ -26,12 +26,13 @@ def main(argv):
     from olmo_jax.cli import user_errors
     from train.aot import hardware
     with user_errors():
-        hw = hardware.parse(flags.FLAGS.topology or flags.FLAGS.config.get("hardware", ""))
+        from train.settings import Settings
+        settings = Settings.from_config(flags.FLAGS.config)
+        hw = hardware.parse(flags.FLAGS.topology or settings.hardware)
         if hw.chip.platform == "tpu":
             hardware.prepare_tpu_compiler()  # before JAX starts
         from train.aot.report import aot_report, fits_all, table
-        report = aot_report(flags.FLAGS.config, hw, layers=flags.FLAGS.layers or None,
-                            headroom=flags.FLAGS.headroom)
+        report = aot_report(settings, hw, layers=flags.FLAGS.layers or None, headroom=flags.FLAGS.headroom)
     print(table(report), flush=True)
     if flags.FLAGS.out:
         from olmo_jax.fsutil import atomic_write_json
@@ -41,4 +42,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from olmo_jax.cli import parse_flags
+    app.run(main, flags_parser=parse_flags)

@@ -24,14 +24,17 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import prune as prune_lib
 from olmo_jax.config import ModelConfig
-from olmo_jax.csqa import CALIBRATION_BATCH
+from olmo_jax.tasks.csqa import CALIBRATION_BATCH
 from olmo_jax.model import param_shapes
 from olmo_jax.packing import ROW_KEYS, SEQ_KEYS
-from olmo_jax.sharding import BATCH, make_mesh, param_shardings
+from olmo_jax.model import resolve_attention_impl
+from olmo_jax.sharding import BATCH, check_batch_divisible, make_mesh, param_shardings
 from prune.compact import compaction_program
 from prune.importance import activation_stats_program
+from train.data import rows_are_branched
 from train.eval.scoring import score_batch
-from train.recover import attention_impl, loss_config
+from train.objective import Objective
+from train.settings import Method, Settings, parse_method
 from train.step import abstract_state, build_optimizer, jit_train_step, make_train_step
 
 
@@ -51,61 +54,71 @@ def abstract_params(cfg: ModelConfig, mesh, dtype=None):
                         param_shardings(cfg, mesh), is_leaf=lambda s: isinstance(s, tuple))
 
 
-def abstract_batch(batch_size: int, seq_len: int, targets: int, mesh, accum: int | None = None):
-    """The batch format's arrays, [B, T] / [B, S] (or [A, B/A, ...] with `accum`), batch split."""
+def abstract_batch(batch_size: int, seq_len: int, targets: int, mesh, accum: int | None = None,
+                   extras: tuple[str, ...] = (), choices: int = 5):
+    """The batch format's arrays, [B, T] / [B, S] (or [A, B/A, ...] with `accum`), batch split;
+    `extras`: the optional per-row keys a loss reads (label [B], choice_chars [B, C])."""
     lead = (batch_size,) if accum is None else (accum, batch_size // accum)
+    batch_axis = (BATCH,) if accum is None else (None, BATCH)
 
-    def one(key):
-        dtype = jnp.float32 if key == "tgt_weight" else jnp.int32
-        shape = lead + ((seq_len,) if key in SEQ_KEYS else (targets,))
-        spec = P(BATCH, None) if accum is None else P(None, BATCH, None)
+    def one(shape, dtype):
+        spec = P(*batch_axis, *([None] * (len(shape) - len(lead))))
         return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
 
-    return {k: one(k) for k in ROW_KEYS}
+    out = {k: one(lead + ((seq_len,) if k in SEQ_KEYS else (targets,)),
+                  jnp.float32 if k in ("tgt_weight", "tgt_kl_weight") else jnp.int32) for k in ROW_KEYS}
+    if "label" in extras:
+        out["label"] = one(lead, jnp.int32)
+    if "choice_chars" in extras:
+        out["choice_chars"] = one(lead + (choices,), jnp.float32)
+    return out
 
 
-def study_models(config, dense: ModelConfig) -> tuple[ModelConfig, ModelConfig]:
+def study_models(s: Settings, dense: ModelConfig) -> tuple[ModelConfig, ModelConfig]:
     """(student, teacher) configs at their largest: the student of the smallest pruning ratio (mask
-    mode keeps dense shapes), the teacher in config.model.teacher_dtype."""
-    p = config.prune
+    mode keeps dense shapes), the teacher in model.teacher_dtype."""
+    p = s.prune
     if p.mode == "mask":
         student = dense
     else:
-        ratio = min(tuple(config.pipeline.ratios) + (p.ratio,))
+        ratio = min(s.pipeline.ratios + (p.ratio,))
         student = dense.replace(intermediate_size=prune_lib.kept_count(dense.intermediate_size, ratio, p.multiple_of))
-    return student, dense.replace(param_dtype=config.model.teacher_dtype or dense.compute_dtype)
+    return student, dense.replace(param_dtype=s.model.teacher_compute_dtype)
 
 
-def _train_program(config, name, student, teacher, mesh, seq_len, targets, platform) -> Program:
-    c = config.copy_and_resolve_references()
-    c.train.loss = name.split("_")[0]
-    loss = loss_config(c)
-    optimizer = build_optimizer(c.opt, c.train.steps, None)
+def _train_program(s: Settings, method: Method, student, teacher, mesh, seq_len, targets, platform) -> Program:
+    run = s.for_run(method)
+    objective = Objective.from_settings(run)
+    optimizer = build_optimizer(run.opt, run.train.steps, None)
     state = abstract_state(optimizer, abstract_params(student, mesh), mesh)
-    kl = loss.kind == "kl"
-    tparams = abstract_params(teacher, mesh) if kl else None
-    impl = attention_impl(c, platform)
-    fn = make_train_step(student, optimizer, loss, teacher_cfg=teacher if kl else None, remat=c.train.remat,
-                         attention_impl=impl)
-    batch = abstract_batch(c.data.batch_size, seq_len, targets, mesh, accum=c.train.grad_accum)
+    online = objective.needs_teacher
+    tparams = abstract_params(teacher, mesh) if online else None
+    impl = resolve_attention_impl(run.model.attention_impl, branched=rows_are_branched(run), backend=platform)
+    fn = make_train_step(student, optimizer, run, teacher_cfg=teacher if online else None, attention_impl=impl)
+    extras = (("label",) if "ce" in objective.terms and run.train.loss == "kl" else ()) + \
+        (("choice_chars",) if "choice_kl" in objective.terms else ())
+    batch = abstract_batch(run.data.batch_size, seq_len, targets, mesh, accum=run.train.grad_accum, extras=extras)
     jitted = jit_train_step(fn, mesh, state, tparams, batch)
-    tokens = c.data.batch_size * seq_len
+    tokens = run.data.batch_size * seq_len
     flops = student.flops_per_token(seq_len, "train") * tokens
-    if kl:
+    if online:
         flops += teacher.flops_per_token(seq_len, "forward") * tokens
-    return Program(name, jitted, (state, tparams, batch), flops, attention=impl)
+    return Program(f"{method.loss}_step" if method.name in ("ce", "kl") else f"{method.name}_step", jitted,
+                   (state, tparams, batch), flops, attention=impl)
 
 
-def study_programs(config, dense: ModelConfig, mesh) -> list[Program]:
-    """The study's programs for the mesh's devices (their platform decides `auto` attention)."""
-    seq_len, targets = max(config.data.seq_buckets), max(config.data.tgt_buckets)
+def study_programs(s: Settings, dense: ModelConfig, mesh) -> list[Program]:
+    """The study's programs for the mesh's devices (their platform decides `auto` attention): a
+    train step per online method (CE and every online-KL method; cached KL costs no more than CE)."""
+    seq_len, targets = max(s.data.seq_buckets), max(s.data.tgt_buckets)
     platform = mesh.devices.flat[0].platform
-    student, teacher = study_models(config, dense)
+    student, teacher = study_models(s, dense)
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    out = [_train_program(config, f"{m}_step", student, teacher, mesh, seq_len, targets, platform)
-           for m in ("ce", "kl")]
+    check_batch_divisible(s.data.batch_size // s.train.grad_accum, mesh)
+    methods = [m for m in s.pipeline.methods if not m.needs_cache] or [parse_method("ce", s.distill, {})]
+    out = [_train_program(s, m, student, teacher, mesh, seq_len, targets, platform) for m in methods]
 
-    eval_b = -(-config.eval.batch_size // dp) * dp
+    eval_b = -(-s.eval.batch_size // dp) * dp
     out.append(Program("eval_scoring", score_batch(dense), (abstract_params(dense, mesh),
                        abstract_batch(eval_b, seq_len, targets, mesh)),
                        dense.flops_per_token(seq_len, "forward") * eval_b * seq_len))
@@ -114,7 +127,7 @@ def study_programs(config, dense: ModelConfig, mesh) -> list[Program]:
     out.append(Program("activation_scores", activation_stats_program(dense),
                        (abstract_params(dense, mesh), abstract_batch(calib_b, seq_len, seq_len, mesh)),
                        dense.flops_per_token(seq_len, "forward") * calib_b * seq_len,
-                       note="run only with pipeline criteria including 'activation'"))
+                       note="run only with the data criteria (activation, wanda)"))
 
     k = student.intermediate_size
     idx = jax.ShapeDtypeStruct((dense.num_layers, k), jnp.int32, sharding=NamedSharding(mesh, P()))
@@ -145,6 +158,6 @@ def compile_program(prog: Program) -> dict[str, Any]:
     return {"compiled": True, "per_device_bytes": per_device, "compiler_flops_loop_bodies_once": float(cost.get("flops", 0.0))}
 
 
-def mesh_for(config, devices):
-    m = config.mesh
+def mesh_for(s: Settings, devices):
+    m = s.mesh
     return make_mesh(m.data, m.fsdp, m.tensor, devices=devices)

@@ -8,30 +8,29 @@ import olmo_jax
 from olmo_jax.config import ModelConfig, OlmoJaxError
 from train.aot import hardware, programs
 from train.aot.hardware import GIB, Hardware
+from train.settings import Settings
 
 
-def model_config(config, layers: int | None = None) -> ModelConfig:
+def model_config(s: Settings, layers: int | None = None) -> ModelConfig:
     """The dense model of a study: its config.json when the weights are here, else the released
-    model's shapes the config carries (`model.hf_config`), in the study's dtypes."""
-    src = config.model.src
+    model's shapes the settings carry (`model.hf_config`), in the study's dtypes."""
+    src = s.model.src
     if src == "smollm2" or os.path.exists(src):
         cfg = olmo_jax.load_config(src)
-    elif config.model.get("hf_config"):
-        cfg = ModelConfig.from_hf(config.model.hf_config.to_dict())
+    elif s.model.hf_config:
+        cfg = ModelConfig.from_hf(dict(s.model.hf_config))
     else:
         raise OlmoJaxError(f"model.src {src!r} is not here and the config has no model.hf_config to compile for")
-    cfg = cfg.replace(param_dtype=config.model.dtype, compute_dtype=config.model.compute_dtype)
+    cfg = cfg.replace(param_dtype=s.model.dtype, compute_dtype=s.model.compute_dtype)
     return cfg.replace(num_layers=layers) if layers else cfg
 
 
-def aot_report(config, hw: Hardware, *, layers: int | None = None, headroom: float = 0.10) -> dict[str, Any]:
-    from train.study import validate_config
-    validate_config(config)
-    dense = model_config(config, layers)
-    mesh = programs.mesh_for(config, hardware.devices(hw))
+def aot_report(s: Settings, hw: Hardware, *, layers: int | None = None, headroom: float = 0.10) -> dict[str, Any]:
+    dense = model_config(s, layers)
+    mesh = programs.mesh_for(s, hardware.devices(hw))
     budget = hw.chip.hbm_bytes
     rows = []
-    for prog in programs.study_programs(config, dense, mesh):
+    for prog in programs.study_programs(s, dense, mesh):
         got = programs.compile_program(prog)
         # XLA's cost analysis counts a loop body once (the layer scan, the micro-batch scan), so the
         # FLOPs per step come from the model's formula; the compiler's figure is kept beside it.

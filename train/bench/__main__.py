@@ -33,7 +33,8 @@ def main(argv):
     del argv
     from olmo_jax.cli import user_errors
     from olmo_jax.fsutil import atomic_write_json
-    from train.bench.harness import run_bench, summary_text
+    from train.bench.harness import run_bench
+    from train.bench.summary import summary_text
     config = flags.FLAGS.config
     _prepare_process(config)
     with user_errors():

@@ -9,7 +9,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from ml_collections import ConfigDict
 
 from olmo_jax.attention import resolve_attention_impl
 from olmo_jax.config import ModelConfig
@@ -18,8 +17,9 @@ from olmo_jax.model import Transformer, forward
 from olmo_jax.sharding import make_mesh, place_params
 from train.bench.measure import Section, check_steps
 from olmo_jax.packing import collate, pack_sequence
-from train.step import (LossConfig, batch_shardings, build_optimizer, init_state, jit_train_step,
-                        make_train_step, split_micro_batches)
+from train.settings import make
+from train.step import (batch_shardings, build_optimizer, init_state, jit_train_step, make_train_step,
+                        split_micro_batches)
 
 
 def device_peak() -> int | None:
@@ -54,11 +54,14 @@ def jax_train_bench(cfg: ModelConfig, params, batch: dict[str, np.ndarray], *, l
     """
     check_steps(steps, warmup)
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    opt = build_optimizer(ConfigDict(dict(lr=lr)), warmup + steps + 1, neuron_mask)
+    run = make(train={"loss": loss, "steps": warmup + steps + 1, "remat": remat},
+               opt={"lr": lr, "warmup_steps": 0, "min_lr_ratio": 0.0},
+               distill={"chunk": chunk})
+    opt = build_optimizer(run.opt, run.train.steps, neuron_mask)
     state = init_state(place_params(cfg, params, mesh), opt, mesh)
     tparams = None if teacher is None else place_params(cfg, teacher, mesh)
-    fn = make_train_step(cfg, opt, LossConfig(kind=loss, chunk=chunk), teacher_cfg=None if teacher is None else cfg,
-                         remat=remat, attention_impl=resolve_attention_impl(attention_impl, branched=False))
+    fn = make_train_step(cfg, opt, run, teacher_cfg=None if teacher is None else cfg,
+                         attention_impl=resolve_attention_impl(attention_impl, branched=False))
     mb = split_micro_batches(batch, 1)
     step = jit_train_step(fn, mesh, state, tparams, mb)
     mb = jax.device_put(mb, batch_shardings(mesh, mb))

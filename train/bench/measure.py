@@ -13,35 +13,13 @@ section once the machine is idle.
 """
 from __future__ import annotations
 
-import os
-import resource
 import statistics
-import sys
 import time
 from typing import Any, Callable
 
+from olmo_jax.cpuload import busy_cpu_s, max_rss_bytes, own_cpu_s, wait_idle  # noqa: F401 (shared helpers)
+
 TIMING_KEYS = ("step_times_s", "median_s", "min_s", "max_s", "tokens_per_s", "peak_mem_bytes", "peak_mem_kind")
-
-
-def max_rss_bytes() -> int:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(r if sys.platform == "darwin" else r * 1024)  # Linux reports KiB, macOS bytes
-
-
-def busy_cpu_s() -> float | None:
-    """Seconds of non-idle CPU time on the whole machine (Linux), None elsewhere."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + fields[4]
-    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_s() -> float:
-    t = os.times()
-    return t.user + t.system
 
 
 def check_steps(steps: int, warmup: int) -> None:
@@ -88,20 +66,6 @@ class Section:
     def summary(self, times: list[float], tokens_per_step: int) -> dict[str, Any]:
         return summary(times, tokens_per_step, self.peak, self.kind) | {
             "other_cpu_cores": self.other_cpu_cores, "cpu_s_per_step": self.own_cpu_s / len(times)}
-
-
-def wait_idle(threshold: float, timeout_s: float) -> float:
-    """Waits (up to timeout_s) for a 1 s window in which the machine is busy below `threshold` cores;
-    returns the seconds waited. No-op where /proc/stat is unavailable."""
-    t_start = time.perf_counter()
-    while time.perf_counter() - t_start < timeout_s:
-        b0, t0 = busy_cpu_s(), time.perf_counter()
-        if b0 is None:
-            break
-        time.sleep(1.0)
-        if (busy_cpu_s() - b0) / (time.perf_counter() - t0) < threshold:
-            break
-    return time.perf_counter() - t_start
 
 
 def retrying(fn: Callable[[], dict], *, retries: int, threshold: float, idle_wait_s: float,

@@ -206,26 +206,30 @@ def torch_train_step_bench(model, batch_tokens: np.ndarray, *, steps: int = 5, w
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    times, initial_loss, compile_s, last = [], None, None, None
     try:
-        with _PeakMem(device) as mem:
-            for i in range(warmup + steps):
-                _sync(device)
-                t0 = time.perf_counter()
-                last = step()
-                _sync(device)
-                dt = time.perf_counter() - t0
-                if i == 0:
-                    initial_loss = float(last)
-                    if compile:
-                        compile_s = dt
-                if i >= warmup:
-                    times.append(dt)
+        return _timed_steps(step, device, steps, warmup, ids.numel(), compile)
     except Exception as e:  # noqa: BLE001
         if compile:  # compilation happens lazily inside the first call
             return {"error": _one_line(e)}
         raise
-    out = summary(times, ids.numel(), mem.peak, mem.kind)
+
+
+def _timed_steps(step, device, steps: int, warmup: int, tokens: int, compiled: bool) -> dict[str, Any]:
+    """Runs warmup + steps calls of step() -> loss; times the last `steps` (the first: compile_s)."""
+    times, initial_loss, compile_s, last = [], None, None, None
+    with _PeakMem(device) as mem:
+        for i in range(warmup + steps):
+            _sync(device)
+            t0 = time.perf_counter()
+            last = step()
+            _sync(device)
+            dt = time.perf_counter() - t0
+            if i == 0:
+                initial_loss = float(last)
+                compile_s = dt if compiled else None
+            if i >= warmup:
+                times.append(dt)
+    out = summary(times, tokens, mem.peak, mem.kind)
     out.update(initial_loss=initial_loss, final_loss=float(last), compile_s=compile_s)
     return out
 
