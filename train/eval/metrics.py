@@ -88,7 +88,7 @@ def calibration(scores, gold, n_bins: int = 15) -> dict[str, float]:
         "nll": float(-logp[rows, g].mean()),
         "brier": float(((p - onehot) ** 2).sum(axis=1).mean()),  # multi-class: sum over choices
         "ece": float(ece),
-        "entropy": float(-np.where(p > 0, p * logp, 0.0).sum(axis=1).mean()),  # absent choices: 0 log 0 = 0
+        "entropy": float(-(p * np.where(p > 0, logp, 0.0)).sum(axis=1).mean()),  # absent choices: 0 log 0 = 0
     }
 
 
