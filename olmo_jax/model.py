@@ -1,8 +1,10 @@
 """OLMo2 / Llama-family decoder in JAX.
 
-The NNX `Transformer` owns the parameters; the computation is a pure function of a parameter
-pytree (`forward`), so jitted train steps take `params` as an argument (`nnx.split` / `nnx.merge`
-at the boundary) and teacher and student can run side by side.
+The computation is a pure function of a plain parameter dict (`forward(config, params, ...)`):
+jitted steps, optimiser state, checkpoints and sharding specs all take that dict, so teacher and
+student run side by side and nothing is split or merged inside jit. The NNX `Transformer` is the
+container at the API edge (`model(input_ids)`, `from_pretrained`, `prune.prune`): `param_dict()`
+hands out the pure dict and `with_params(dict)` wraps one back (docs/DESIGN.md says why).
 
 Layer weights are stacked on a leading layer axis and the blocks run under `jax.lax.scan`:
 compile time does not grow with depth, and layer-wise pruning is one vectorised computation.
@@ -331,8 +333,8 @@ class NeuronMask(nnx.Variable):
 class Transformer(nnx.Module):
     """The model as an NNX module. `model(input_ids)` -> logits [B, T, V] (float32).
 
-    Parameters live in `self.params` (an nnx.Dict of nnx.Param); `nnx.split(model, nnx.Param)`
-    gives the pure pytree the functional core (`forward`) runs on.
+    Parameters live in `self.params` (an nnx.Dict of nnx.Param); `param_dict()` gives the plain
+    dict the functional core (`forward`) and every jitted step run on.
     source: where the model was loaded from (its tokenizer lives there), or None.
     neuron_mask: [L, I] bool for a mask-mode pruned model (pruned neurons are zero), or None.
     """

@@ -16,11 +16,11 @@ from train.bench.torch_ref import score_questions_torch
 
 pytestmark = pytest.mark.slow  # the full tier only (README: test tiers)
 
-N = 300
+N = 100  # 500 requests: enough for parity; the full-validation comparison is the benchmark (docs/EVAL.md)
 
 
 @pytest.mark.slow
-def test_rc_0shot_matches_transformers_on_300_questions():
+def test_rc_0shot_matches_transformers_on_100_questions():
     path = smollm2_gguf_path()
     ours = olmo_jax.from_pretrained(path)
     tok = olmo_jax.load_tokenizer(path)

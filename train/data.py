@@ -1,6 +1,6 @@
 """CommonsenseQA rows for recovery training (by loss) and a deterministic batcher.
 
-The questions, splits, renderings and tokenisation come from the task module `olmo_jax.csqa`.
+The questions, splits, renderings and tokenisation come from the task module `olmo_jax.tasks.csqa`.
 
 Rows by loss (one row per question, see olmo_jax/packing.py for the layout):
   ce                      context + gold continuation; targets = the answer tokens (label used)

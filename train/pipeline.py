@@ -1,4 +1,4 @@
-"""The whole study: dense eval, prune, recover with CE and KL, evaluate, report (train/study.py).
+"""The whole study: dense eval, prune, recover with CE and KL, evaluate, report (train/study/).
 
     python -m train.pipeline --config=configs/smollm2_csqa.py --workdir=runs/demo
 
