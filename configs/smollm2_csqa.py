@@ -4,9 +4,10 @@
     python -m train.pipeline --config=configs/smollm2_csqa.py:study --workdir=runs/study # docs/RESULTS.md
     python -m train.pipeline --config=configs/smollm2_csqa.py:tuned --workdir=runs/tuned # docs/RESULTS.md
     python -m train.pipeline --config=configs/smollm2_csqa.py:cache --workdir=runs/cache # docs/RESULTS.md
+    python -m train.pipeline --config=configs/smollm2_csqa.py:recovery --workdir=runs/recovery # docs/RESULTS.md part 4
     python -m train.main --config=configs/smollm2_csqa.py:kl --workdir=runs/smol_kl      # one recovery run
 
-Variants (`:name`): demo (default) | study | tuned | cache | cache_full | ce | kl. Override anything: `--config.opt.lr=1e-4`.
+Variants (`:name`): demo (default) | recovery | study | tuned | cache | cache_full | ce | kl. Override anything: `--config.opt.lr=1e-4`.
 """
 from ml_collections import ConfigDict
 
@@ -29,47 +30,108 @@ def smollm2() -> ConfigDict:
     return c
 
 
+def recovering(c: ConfigDict) -> ConfigDict:
+    """The regime where recovery can be measured (docs/RESULTS.md part 4): activation importance at
+    50% leaves a damaged but working language model (L2 at any ratio leaves LAMBADA loss above
+    uniform). KL on every position of the choice rows, the shared prompt counted once; the part-2
+    learning rates (CE 5e-5, KL 1.5e-4, tuned on heldout); CSQA plus the OLMES suite and LAMBADA."""
+    c.prune.criterion, c.prune.ratio = "activation", 0.5
+    c.pipeline.criteria = ("activation",)
+    c.pipeline.ratios = (0.5,)
+    c.pipeline.data_size_ratio = 0.5
+    c.distill.positions = "all_once"
+    c.pipeline.hparams = ConfigDict({"ce": {"lr": 5e-5}, "kl": {"lr": 1.5e-4}})
+    c.eval.suite = "olmes"
+    c.eval.lambada = 200
+    return c
+
+
+def demo(c: ConfigDict) -> None:
+    """The recovering regime in small (<= 15 min on 2 cores), with the edge stage."""
+    recovering(c)
+    c.data.train_examples = 0  # questions drawn from the whole split (40 steps x 8 see 320)
+    c.train.steps = 40
+    c.train.ckpt_every = 20
+    c.eval.suite_limit = 10    # 10 documents per OLMES task (90 questions): a coarse macro average
+    c.eval.lambada = 100
+    c.pipeline.edge.enabled = True
+    c.pipeline.edge.quants = ("q8_0",)
+    c.pipeline.edge.threads = (2,)
+
+
+def recovery(c: ConfigDict) -> None:
+    """docs/RESULTS.md part 4: 3 seeds x {none, CE, KL}, KL + choice-level KL at seed 0."""
+    recovering(c)
+    c.methods = ConfigDict({"kl-choice": {"choice_weight": 1.0}})
+    c.pipeline.extra_methods = ("kl-choice",)
+    c.pipeline.hparams["kl-choice"] = {"lr": 1.5e-4}
+    c.pipeline.seeds = (0, 1, 2)
+    c.pipeline.curves.every = 30
+    c.data.train_examples = 0  # each seed draws its 480 questions from the whole split
+    c.train.steps = 60         # sized to ~1 h on 2 cores; cache_full is the full budget
+    c.train.ckpt_every = 30
+    c.eval.limit = 0           # full validation (1221)
+    c.eval.suite_limit = 20    # 20 documents per OLMES task (180 questions)
+
+
+def study(c: ConfigDict) -> None:
+    """docs/RESULTS.md part 1 (L2 at three ratios, activation at one); ~1 h on 2 CPU cores."""
+    c.pipeline.ratios = (0.1, 0.3, 0.5)
+    c.pipeline.criteria = ("l2", "activation")  # activation only at data_size_ratio
+    c.pipeline.data_sizes = ()  # cut for time on 2 cores; the pipeline supports e.g. (250, 4000)
+    c.pipeline.equal_compute = True  # plus a CE run with as many FLOPs as the KL run
+    c.data.train_examples = 1000
+    c.train.steps = 40
+    c.train.ckpt_every = 20
+    c.eval.limit = 0  # the full 1221-question validation set
+
+
+def tuned(c: ConfigDict) -> None:
+    """docs/RESULTS.md part 2: L2 30% with lr/steps tuned on heldout, a data-size curve."""
+    c.pipeline.ratios = (0.3,)
+    c.pipeline.tune.lrs = (2e-5, 5e-5, 1.5e-4)
+    c.pipeline.tune.steps = (40, 80)
+    c.pipeline.data_sizes = (160, 320, 640)
+    c.pipeline.data_size_epochs = 1  # one pass over n questions: 20 / 40 / 80 steps
+    c.pipeline.equal_compute = True
+    c.data.train_examples = 1000
+    c.train.ckpt_every = 20
+    c.eval.limit = 0
+
+
+def cache(c: ConfigDict, full: bool = False) -> None:
+    """docs/RESULTS.md part 3: CE vs online vs cached KL, 3 seeds; other cache kinds, 1 seed.
+    full: the same grid at full budget (one H200: scripts/h200.sh)."""
+    c.pipeline.ratios = (0.3,)
+    c.pipeline.methods = ("ce", "kl", "kl-cache-topk_tail-64")
+    c.pipeline.seeds = (0, 1, 2)
+    c.pipeline.extra_methods = ("kl-cache-topk-64", "kl-cache-sampled-64", "kl-cache-topk-8",
+                                "kl-cache-sampled-8", "kl-cache-topk_tail-8")
+    c.pipeline.hparams = ConfigDict({"ce": {"lr": 5e-5}, "kl": {"lr": 1.5e-4}})  # part 2's tuned lrs
+    c.data.train_examples = 1000
+    c.train.steps = 120  # longer than part 2 (40-80): what the cache saves, spent on training
+    c.train.ckpt_every = 40
+    c.eval.limit = 0
+    if full:
+        c.data.train_examples = 0  # all 9241 training questions
+        c.train.steps = 2 * (9241 // c.data.batch_size)  # two epochs
+        c.train.ckpt_every = 500
+
+
+def _loss(name: str):
+    def variant(c: ConfigDict) -> None:
+        c.train.loss = name
+    return variant
+
+
+VARIANTS = {"demo": demo, "recovery": recovery, "study": study, "tuned": tuned, "cache": cache,
+            "cache_full": lambda c: cache(c, full=True), "ce": _loss("ce"), "kl": _loss("kl")}
+
+
 def get_config(arg: str | None = None) -> ConfigDict:
-    c = smollm2()
     arg = arg or "demo"
-    if arg == "demo":
-        c.pipeline.edge.enabled = True  # q8_0 / q4_0 pad the 1075-wide MLP to 1088 with zero neurons
-    elif arg in ("ce", "kl"):
-        c.train.loss = arg
-    elif arg == "study":  # docs/RESULTS.md; sized for ~1 h on 2 CPU cores
-        c.pipeline.ratios = (0.1, 0.3, 0.5)
-        c.pipeline.criteria = ("l2", "activation")  # activation only at data_size_ratio
-        c.pipeline.data_sizes = ()  # cut for time on 2 cores; the pipeline supports e.g. (250, 4000)
-        c.pipeline.equal_compute = True  # plus a CE run with as many FLOPs as the KL run
-        c.data.train_examples = 1000
-        c.train.steps = 40
-        c.train.ckpt_every = 20
-        c.eval.limit = 0  # the full 1221-question validation set
-    elif arg == "tuned":  # docs/RESULTS.md, second part: L2 30% with lr/steps tuned on heldout
-        c.pipeline.ratios = (0.3,)
-        c.pipeline.tune.lrs = (2e-5, 5e-5, 1.5e-4)
-        c.pipeline.tune.steps = (40, 80)
-        c.pipeline.data_sizes = (160, 320, 640)
-        c.pipeline.data_size_epochs = 1  # one pass over n questions: 20 / 40 / 80 steps
-        c.pipeline.equal_compute = True
-        c.data.train_examples = 1000
-        c.train.ckpt_every = 20
-        c.eval.limit = 0
-    elif arg in ("cache", "cache_full"):  # docs/RESULTS.md part 3: CE vs online vs cached KL, 3 seeds; kinds, 1 seed
-        c.pipeline.ratios = (0.3,)
-        c.pipeline.methods = ("ce", "kl", "kl-cache-topk_tail-64")
-        c.pipeline.seeds = (0, 1, 2)
-        c.pipeline.extra_methods = ("kl-cache-topk-64", "kl-cache-sampled-64", "kl-cache-topk-8",
-                                    "kl-cache-sampled-8", "kl-cache-topk_tail-8")
-        c.pipeline.hparams = ConfigDict({"ce": {"lr": 5e-5}, "kl": {"lr": 1.5e-4}})  # part 2's tuned lrs
-        c.data.train_examples = 1000
-        c.train.steps = 120  # longer than part 2 (40-80): what the cache saves, spent on training
-        c.train.ckpt_every = 40
-        c.eval.limit = 0
-        if arg == "cache_full":  # the same grid at full budget (one H200: scripts/h200.sh)
-            c.data.train_examples = 0  # all 9241 training questions
-            c.train.steps = 2 * (9241 // c.data.batch_size)  # two epochs
-            c.train.ckpt_every = 500
-    else:
-        raise ValueError(f"unknown variant {arg!r}; choose demo | study | tuned | cache | cache_full | ce | kl")
+    if arg not in VARIANTS:
+        raise ValueError(f"unknown variant {arg!r}; choose {' | '.join(VARIANTS)}")
+    c = smollm2()
+    VARIANTS[arg](c)
     return c

@@ -14,6 +14,8 @@ import jax
 import numpy as np
 import pytest
 
+from tests.conftest import CHEAP_XLA
+
 from olmo_jax.sharding import place_params
 from tests import multihost_worker as W
 
@@ -51,8 +53,7 @@ def two_processes(tmp_path_factory):
     # backend settings (same program, so results agree with the reference within float rounding),
     # and the relaunch after the preemption reads its step from a persistent compilation cache
     # private to this test.
-    flags = ("--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0 "
-             "--xla_llvm_disable_expensive_passes=true")
+    flags = f"--xla_force_host_platform_device_count=2 {CHEAP_XLA}"
     env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(base / "jax_cache"))
     coordinator = f"localhost:{_free_port()}"
     procs, logs = [], []

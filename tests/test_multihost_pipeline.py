@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests.conftest import CHEAP_XLA
 from tests.hf_helpers import tiny_model_dir
 
 pytestmark = pytest.mark.slow  # the full tier only (README: test tiers)
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.slow  # the full tier only (README: test tiers)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Compile time dominates on 2 cores: every process uses XLA's cheap CPU settings (the same in all,
 # so the single-process reference compiles the same programs).
-CHEAP = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+CHEAP = CHEAP_XLA
 
 
 def _free_port() -> int:

@@ -24,12 +24,13 @@ import time
 import numpy as np
 import pytest
 
+from tests.conftest import CHEAP_XLA
 from tests.hf_helpers import tiny_model_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE = "run-l2-0.3-ce"  # what train.main runs with configs/tiny.py: prune.ratio=0.3, train.loss=ce
 STEPS, CKPT_EVERY = 8, 2
-ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+ENV = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {CHEAP_XLA}", JAX_PLATFORMS="cpu",
            HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
 

@@ -58,7 +58,7 @@ def markdown(results: dict) -> str:
                 f"{lr}: " + ", ".join(f"{st} -> {a:.4f}" for st, a in sorted(c.items(), key=lambda x: int(x[0])))
                 for lr, c in g.items()))
         lines.append("")
-    lines.append("| run | criterion | ratio | retention all / MLP | method | examples | steps | lr | CSQA acc [95% CI] | "
+    lines.append("| run | criterion | ratio | retention all / MLP | method | train pool | steps | lr | CSQA acc [95% CI] | "
                  "suite macro | LAMBADA loss | ECE | train s | train TFLOP |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     table = rows(results)
@@ -66,8 +66,9 @@ def markdown(results: dict) -> str:
         e = r["eval"]
         pm = e["primary_metric"]
         ret = "-" if r["retention_all"] is None else f"{r['retention_all']:.3f} / {r['retention_mlp']:.3f}"
+        pool = r["train_examples"] or ("-" if r["method"] == "none" else "all")  # 0: the whole train split
         lines.append(
-            f"| {r['name']} | {r['criterion']} | {r['ratio']} | {ret} | {r['method']} | {r['train_examples']} | "
+            f"| {r['name']} | {r['criterion']} | {r['ratio']} | {ret} | {r['method']} | {pool} | "
             f"{r['steps']} | {'' if r['lr'] is None else format(r['lr'], 'g')} | {e[pm]:.4f} [{e['ci95'][0]:.3f}, "
             f"{e['ci95'][1]:.3f}] | {_fmt(_macro(r))} | {_fmt(_lambada(r), '.3f')} | {e['calibration']['ece']:.4f} | "
             f"{r['train_wall_s']:.0f}{'*' if r.get('resumed') else ''} | {r['train_flops'] / 1e12:.1f} |")
