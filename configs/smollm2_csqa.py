@@ -30,7 +30,7 @@ def smollm2() -> ConfigDict:
     return c
 
 
-def recovering(c: ConfigDict) -> ConfigDict:
+def recovering(c: ConfigDict) -> None:
     """The regime where recovery can be measured (docs/RESULTS.md part 4): activation importance at
     50% leaves a damaged but working language model (L2 at any ratio leaves LAMBADA loss above
     uniform). KL on every position of the choice rows, the shared prompt counted once; the part-2
@@ -43,7 +43,6 @@ def recovering(c: ConfigDict) -> ConfigDict:
     c.pipeline.hparams = ConfigDict({"ce": {"lr": 5e-5}, "kl": {"lr": 1.5e-4}})
     c.eval.suite = "olmes"
     c.eval.lambada = 200
-    return c
 
 
 def demo(c: ConfigDict) -> None:

@@ -14,10 +14,9 @@ import jax
 import numpy as np
 import pytest
 
-from tests.conftest import CHEAP_XLA
-
 from olmo_jax.sharding import place_params
 from tests import multihost_worker as W
+from tests.conftest import CHEAP_XLA
 
 pytestmark = pytest.mark.slow  # the full tier only (README: test tiers)
 

@@ -20,9 +20,8 @@ from tests.hf_helpers import tiny_model_dir
 pytestmark = pytest.mark.slow  # the full tier only (README: test tiers)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Compile time dominates on 2 cores: every process uses XLA's cheap CPU settings (the same in all,
-# so the single-process reference compiles the same programs).
-CHEAP = CHEAP_XLA
+# Compile time dominates on 2 cores: every process uses XLA's cheap CPU settings (CHEAP_XLA, the same
+# in all, so the single-process reference compiles the same programs).
 
 
 def _free_port() -> int:
@@ -40,7 +39,7 @@ def _launch(model: str, workdir: str, log: str, devices: int, process: tuple[int
         pid, count, coordinator = process
         args += ["--config.jax.distributed=True", f"--config.jax.coordinator_address={coordinator}",
                  f"--config.jax.num_processes={count}", f"--config.jax.process_id={pid}"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {CHEAP}")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {CHEAP_XLA}")
     return subprocess.Popen(args, cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
