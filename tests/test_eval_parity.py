@@ -17,6 +17,7 @@ from train.bench.torch_ref import score_questions_torch
 pytestmark = pytest.mark.slow  # the full tier only (README: test tiers)
 
 N = 100  # 500 requests: enough for parity; the full-validation comparison is the benchmark (docs/EVAL.md)
+FLIP = 1 / N + 1e-9  # one near-tie question may flip under float reassociation (and the float of 1/N)
 
 
 @pytest.mark.slow
@@ -37,15 +38,15 @@ def test_rc_0shot_matches_transformers_on_100_questions():
     for metric in ("acc_raw", "acc_per_char"):
         a = choice_scores(ll, nt, chars)[metric].argmax(1)
         b = choice_scores(ref_ll, ref_nt, chars)[metric].argmax(1)
-        assert (a == b).mean() >= 0.99, metric
+        assert (a == b).mean() >= 1 - FLIP, metric
         assert correct(choice_scores(ll, nt, chars)[metric], gold).mean() == pytest.approx(
-            correct(choice_scores(ref_ll, ref_nt, chars)[metric], gold).mean(), abs=0.01)
+            correct(choice_scores(ref_ll, ref_nt, chars)[metric], gold).mean(), abs=FLIP)
     # The library entry point (which batches differently: unconditional rows are mixed in) agrees
-    # with the reference to the same 1% (a near-tie may flip under float reassociation).
+    # with the reference to the same question.
     res = evaluate_params(ours.config, ours.param_dict(), tok, "csqa:rc_0shot", limit=N)
     ref_acc = correct(choice_scores(ref_ll, ref_nt, chars)["acc_per_char"], gold).mean()
-    assert abs(res["acc_per_char"] - ref_acc) <= 0.01
-    assert np.mean([p["pred"] for p in res["predictions"]] == choice_scores(ref_ll, ref_nt, chars)["acc_per_char"].argmax(1)) >= 0.99
+    assert abs(res["acc_per_char"] - ref_acc) <= FLIP
+    assert np.mean([p["pred"] for p in res["predictions"]] == choice_scores(ref_ll, ref_nt, chars)["acc_per_char"].argmax(1)) >= 1 - FLIP
 
 
 def _cli(*args, env=None):

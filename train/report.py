@@ -62,16 +62,7 @@ def markdown(results: dict) -> str:
                  "suite macro | LAMBADA loss | ECE | train s | train TFLOP |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     table = rows(results)
-    for r in table:
-        e = r["eval"]
-        pm = e["primary_metric"]
-        ret = "-" if r["retention_all"] is None else f"{r['retention_all']:.3f} / {r['retention_mlp']:.3f}"
-        pool = r["train_examples"] or ("-" if r["method"] == "none" else "all")  # 0: the whole train split
-        lines.append(
-            f"| {r['name']} | {r['criterion']} | {r['ratio']} | {ret} | {r['method']} | {pool} | "
-            f"{r['steps']} | {'' if r['lr'] is None else format(r['lr'], 'g')} | {e[pm]:.4f} [{e['ci95'][0]:.3f}, "
-            f"{e['ci95'][1]:.3f}] | {_fmt(_macro(r))} | {_fmt(_lambada(r), '.3f')} | {e['calibration']['ece']:.4f} | "
-            f"{r['train_wall_s']:.0f}{'*' if r.get('resumed') else ''} | {r['train_flops'] / 1e12:.1f} |")
+    lines += [_row_markdown(r) for r in table]
     if any(r.get("resumed") for r in table):
         lines.append("\n\\* resumed from a checkpoint: train s counts the last launch only.")
     suite = suite_markdown(([("dense", dense)] if dense else []) + [(r["name"], r) for r in table])
@@ -91,6 +82,17 @@ def markdown(results: dict) -> str:
     if results.get("speed"):
         lines.append(speed_markdown(results["speed"]))
     return "\n".join(lines) + "\n"
+
+
+def _row_markdown(r: dict) -> str:
+    e = r["eval"]
+    pm = e["primary_metric"]
+    ret = "-" if r["retention_all"] is None else f"{r['retention_all']:.3f} / {r['retention_mlp']:.3f}"
+    pool = r["train_examples"] or ("-" if r["method"] == "none" else "all")  # 0: the whole train split
+    return (f"| {r['name']} | {r['criterion']} | {r['ratio']} | {ret} | {r['method']} | {pool} | "
+            f"{r['steps']} | {'' if r['lr'] is None else format(r['lr'], 'g')} | {e[pm]:.4f} [{e['ci95'][0]:.3f}, "
+            f"{e['ci95'][1]:.3f}] | {_fmt(_macro(r))} | {_fmt(_lambada(r), '.3f')} | {e['calibration']['ece']:.4f} | "
+            f"{r['train_wall_s']:.0f}{'*' if r.get('resumed') else ''} | {r['train_flops'] / 1e12:.1f} |")
 
 
 def suite_markdown(models: list[tuple[str, dict]]) -> str:
