@@ -5,9 +5,10 @@
     python -m train.pipeline --config=configs/smollm2_csqa.py:tuned --workdir=runs/tuned # docs/RESULTS.md
     python -m train.pipeline --config=configs/smollm2_csqa.py:cache --workdir=runs/cache # docs/RESULTS.md
     python -m train.pipeline --config=configs/smollm2_csqa.py:recovery --workdir=runs/recovery # docs/RESULTS.md part 4
+    python -m train.pipeline --config=configs/smollm2_csqa.py:recovery_tune --workdir=runs/recovery_tune # part 4, tuned
     python -m train.main --config=configs/smollm2_csqa.py:kl --workdir=runs/smol_kl      # one recovery run
 
-Variants (`:name`): demo (default) | recovery | study | tuned | cache | cache_full | ce | kl. Override anything: `--config.opt.lr=1e-4`.
+Variants (`:name`): demo (default) | recovery | recovery_tune | study | tuned | cache | cache_full | ce | kl. Override anything: `--config.opt.lr=1e-4`.
 """
 from ml_collections import ConfigDict
 
@@ -73,6 +74,20 @@ def recovery(c: ConfigDict) -> None:
     c.eval.suite_limit = 20    # 20 documents per OLMES task (180 questions)
 
 
+def recovery_tune(c: ConfigDict) -> None:
+    """docs/RESULTS.md part 4, tuning: per method, lr x steps chosen on the full 500-question
+    heldout split (CSQA accuracy chooses; LAMBADA loss on 100 passages is recorded beside it), then
+    the part-4 grid (3 seeds, no choice-level arm) at the chosen settings."""
+    recovery(c)
+    c.methods = ConfigDict()
+    c.pipeline.extra_methods = ()
+    c.pipeline.hparams = ConfigDict()  # chosen by the tuning stage
+    c.pipeline.tune.lrs = (5e-5, 1.5e-4, 4e-4)
+    c.pipeline.tune.steps = (30, 60, 120)
+    c.pipeline.tune.limit = 500
+    c.pipeline.tune.lambada = 100
+
+
 def study(c: ConfigDict) -> None:
     """docs/RESULTS.md part 1 (L2 at three ratios, activation at one); ~1 h on 2 CPU cores."""
     c.pipeline.ratios = (0.1, 0.3, 0.5)
@@ -123,7 +138,7 @@ def _loss(name: str):
     return variant
 
 
-VARIANTS = {"demo": demo, "recovery": recovery, "study": study, "tuned": tuned, "cache": cache,
+VARIANTS = {"demo": demo, "recovery": recovery, "recovery_tune": recovery_tune, "study": study, "tuned": tuned, "cache": cache,
             "cache_full": lambda c: cache(c, full=True), "ce": _loss("ce"), "kl": _loss("kl")}
 
 

@@ -42,6 +42,7 @@ def config_of(src):
     config.pipeline.tune.lrs = (3e-3, 1e-3)
     config.pipeline.tune.steps = (2, 1)
     config.pipeline.tune.limit = 8
+    config.pipeline.tune.lambada = 2
     config.eval.lambada = 3
     return config
 
@@ -76,13 +77,17 @@ def test_tuning_picks_lr_and_steps_on_heldout_only(finished):
         best = max(a for c in grid.values() for a in c.values())
         chosen = tuning["chosen"][method]
         assert chosen["heldout_acc"] == best and grid[f"lr{chosen['lr']:g}"][str(chosen["steps"])] == best
+        # LAMBADA loss beside each heldout accuracy: reported, not part of the choice
+        lam = tuning["lambada_grid"][method]
+        assert set(lam) == set(grid) and all(set(c) == {"1", "2"} and min(c.values()) > 0 for c in lam.values())
         run = results["runs"][f"run-l2-0.5-{method}"]
         assert (run["lr"], run["steps"]) == (chosen["lr"], chosen["steps"])  # every run of the method uses it
         logged = [json.loads(line) for line in open(os.path.join(
             workdir, f"tune-l2-0.5-{method}-lr0.001", "train", "metrics.jsonl"))]
         assert [m["step"] for m in logged if "heldout_acc" in m] == [1, 2]
     assert results["runs"]["run-l2-0.5-ce-n16"]["steps"] == 2  # data_size_epochs: ceil(1 * 16 / 8)
-    assert "Tuned on the heldout split" in open(os.path.join(workdir, "results.md")).read()
+    report = open(os.path.join(workdir, "results.md")).read()
+    assert "Tuned on the heldout split" in report and "- ce LAMBADA loss by lr and steps: lr0.00" in report
 
 
 def test_report_has_training_speed_of_every_stage(finished):
@@ -211,7 +216,7 @@ def test_plan_declares_what_each_stage_reads():
      "error: workdir gs://bucket/run is a URL; give a path every host sees (NFS, or the bucket mounted with "
      "gcsfuse): stage bookkeeping uses file renames"),
     (["-m", "train.pipeline", "--config=configs/smollm2_csqa.py:nope", "--workdir=/tmp/never"],
-     "error: unknown variant 'nope'; choose demo | recovery | study | tuned | cache | cache_full | ce | kl"),
+     "error: unknown variant 'nope'; choose demo | recovery | recovery_tune | study | tuned | cache | cache_full | ce | kl"),
     (["-m", "train.pipeline", "--config=configs/olmo2.py:7b,h200", "--workdir=/tmp/never"],
      "error: OLMo2-7b does not fit h200 (AOT, docs/ACCELERATORS.md); h200 takes 1b"),
     (["-m", "train.pipeline", "--config=configs/smollm2_csqa.py", "--config.opt.lr=-1", "--workdir=/tmp/never"],

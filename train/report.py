@@ -53,10 +53,12 @@ def markdown(results: dict) -> str:
     if tuning:
         lines.append(f"Tuned on the heldout split ({tuning['criterion']} {tuning['ratio']}): " + "; ".join(
             f"{m}: lr {c['lr']:g}, {c['steps']} steps (heldout {c['heldout_acc']:.4f})" for m, c in tuning["chosen"].items()))
-        for m, g in tuning["grid"].items():
-            lines.append(f"- {m} heldout accuracy by lr and steps: " + "; ".join(
-                f"{lr}: " + ", ".join(f"{st} -> {a:.4f}" for st, a in sorted(c.items(), key=lambda x: int(x[0])))
-                for lr, c in g.items()))
+        grids = [("heldout accuracy", tuning["grid"], ".4f"), ("LAMBADA loss", tuning.get("lambada_grid", {}), ".3f")]
+        for what, grid, fmt in grids:
+            for m, g in grid.items():
+                lines.append(f"- {m} {what} by lr and steps: " + "; ".join(
+                    f"{lr}: " + ", ".join(f"{st} -> {a:{fmt}}" for st, a in sorted(c.items(), key=lambda x: int(x[0])))
+                    for lr, c in g.items()))
         lines.append("")
     lines.append("| run | criterion | ratio | retention all / MLP | method | train pool | steps | lr | CSQA acc [95% CI] | "
                  "suite macro | LAMBADA loss | ECE | train s | train TFLOP |")

@@ -13,10 +13,12 @@ from train.settings.methods import Method, parse_method
 @dataclass(frozen=True)
 class TuneSettings:
     """Model selection on the heldout split: per method, each lr trains max(steps) steps and is
-    scored on heldout at every candidate step count; () lrs = no tuning."""
+    scored on heldout at every candidate step count; () lrs = no tuning. `lambada` > 0 also records
+    LAMBADA loss on that many passages at each candidate (reported, not used for the choice)."""
     lrs: tuple[float, ...] = ()
     steps: tuple[int, ...] = ()
     limit: int = 300
+    lambada: int = 0
 
 
 @dataclass(frozen=True)
@@ -115,8 +117,9 @@ class Settings:
         from prune.importance import CRITERIA
         for c in p.criteria + ((p.schedule.criterion,) if p.schedule.criterion else ()):
             _check(c in CRITERIA, "pipeline.criteria", f"unknown pruning criterion {c!r}; choose from {CRITERIA}")
-        _check(all(lr > 0 for lr in p.tune.lrs) and all(_is_int(n) and n >= 1 for n in p.tune.steps),
-               "pipeline.tune", "lrs must be > 0 and steps >= 1")
+        _check(all(lr > 0 for lr in p.tune.lrs) and all(_is_int(n) and n >= 1 for n in p.tune.steps)
+               and _is_int(p.tune.lambada) and p.tune.lambada >= 0,
+               "pipeline.tune", "lrs must be > 0, steps >= 1 and lambada >= 0")
         _check(list(p.schedule.rounds) == sorted(set(p.schedule.rounds)), "pipeline.schedule.rounds",
                f"cumulative ratios, strictly increasing, got {p.schedule.rounds}")
         _check(not p.schedule.rounds or p.schedule.steps >= 1, "pipeline.schedule.steps",

@@ -153,24 +153,28 @@ def _latest_checkpoint_step(directory: str) -> int | None:
 # ---- model selection ----------------------------------------------------------------------------
 
 def tune(study, out: str, inputs: dict, *, method: Method, lr: float, start: str) -> dict:
-    """Trains max(tune.steps) steps at `lr`; heldout accuracy at every candidate step count."""
+    """Trains max(tune.steps) steps at `lr`; heldout accuracy (and LAMBADA loss on tune.lambada
+    passages: what the choice costs the language model) at every candidate step count."""
     t = study.settings.pipeline.tune
     candidates = sorted(set(t.steps or [study.settings.train.steps]))
     run = study.settings.for_run(method, lr=lr, steps=candidates[-1])
     student = models.load(study.settings, models.model_path(study.store.path(start)), study.mesh)
-    curve = {}
+    curve, lambada = {}, {}
 
     def heldout(params, step):
         if step not in candidates:
             return {}
-        res = study.evaluator.csqa(student.with_params(params), split="heldout", limit=t.limit or None)
-        curve[str(step)] = res[res["primary_metric"]]
-        return {"heldout_acc": curve[str(step)]}
+        point = study.evaluator.curve_point(student.with_params(params), t.limit or None, t.lambada)
+        curve[str(step)] = point["heldout_acc"]
+        if "lambada_loss" in point:
+            lambada[str(step)] = point["lambada_loss"]
+        return point
 
     recover(_every_step(run), os.path.join(out, "train"), student, _teacher(study, run),
             batcher_for(study, run, inputs), mesh=study.mesh, eval_fn=heldout, donate_student=True, save_final=False)
     _remove_checkpoints(out)
-    return {"method": method.name, "lr": lr, "heldout_acc": curve, "heldout_n": t.limit or "all"}
+    return {"method": method.name, "lr": lr, "heldout_acc": curve, "heldout_n": t.limit or "all",
+            "lambada_loss": lambada}
 
 
 def _every_step(run: Settings) -> Settings:
@@ -181,13 +185,15 @@ def _every_step(run: Settings) -> Settings:
 def select(study, out: str, inputs: dict, *, focus: tuple[str, float]) -> dict:
     """Per method, the (lr, steps) with the best heldout accuracy (ties: fewer steps, lower lr).
     Only the train split is used: validation stays the test set."""
-    grid, chosen = {}, {}
+    grid, lambada, chosen = {}, {}, {}
     for method in study.settings.pipeline.methods:
         runs = [r for r in inputs.values() if r["method"] == method.name]
         acc, neg_steps, neg_lr = max((a, -int(s), -r["lr"]) for r in runs for s, a in r["heldout_acc"].items())
         chosen[method.name] = {"lr": -neg_lr, "steps": -neg_steps, "heldout_acc": acc}
         grid[method.name] = {f"lr{r['lr']:g}": r["heldout_acc"] for r in runs}
-    return {"chosen": chosen, "grid": grid, "criterion": focus[0], "ratio": focus[1]}
+        if any(r.get("lambada_loss") for r in runs):
+            lambada[method.name] = {f"lr{r['lr']:g}": r["lambada_loss"] for r in runs}
+    return {"chosen": chosen, "grid": grid, "lambada_grid": lambada, "criterion": focus[0], "ratio": focus[1]}
 
 
 # ---- the teacher cache ----------------------------------------------------------------------------
