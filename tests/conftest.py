@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 # 8 virtual CPU devices for the sharding tests; must be set before JAX initialises its backend.
 # Compile time dominates the suite on a 2-core CI machine (tiny models, many shapes): XLA's cheap CPU
@@ -8,6 +9,14 @@ import os
 # benchmarks, never here.
 CHEAP_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {CHEAP_XLA}")
+# One persistent compilation cache for the whole test run, shared by the xdist workers and every
+# subprocess they launch (they inherit the controller's environment): many files and launched
+# pipelines compile the same programs for the same tiny models. A fresh directory per run (removed
+# at the end), so no run reads another's entries; a user's JAX_COMPILATION_CACHE_DIR is respected.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="olmo_jax_tests_jit_")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # cheap-XLA compiles are short
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -15,6 +24,12 @@ import jax  # noqa: E402
 
 # Silent broadcasting bugs (e.g. [B,T] vs [T]) become errors in tests.
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE and "PYTEST_XDIST_WORKER" not in os.environ:
+        import shutil
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -34,7 +34,7 @@ def _launch(model: str, workdir: str, log: str, devices: int, process: tuple[int
     args = [sys.executable, "-m", "train.pipeline", "--config=configs/tiny.py", f"--workdir={workdir}",
             f"--config.model.src={model}", "--config.pipeline.data_sizes=()", "--config.pipeline.tune.lrs=(0.001,)",
             "--config.pipeline.tune.steps=(3,)", "--config.pipeline.tune.limit=8", "--config.pipeline.export_hf=True",
-            "--config.pipeline.criteria=('l2', 'activation')"]
+            "--config.pipeline.criteria=('activation',)", "--config.prune.criterion=activation"]
     if process is not None:
         pid, count, coordinator = process
         args += ["--config.jax.distributed=True", f"--config.jax.coordinator_address={coordinator}",
@@ -104,8 +104,8 @@ def _params(path):
 
 def test_same_stages_and_files_as_one_process(runs):
     stages = _stages(runs["single"])
-    assert {"dense", "eval-dense", "prune-l2-0.5", "prune-activation-0.5", "tuning", "run-l2-0.5-ce",
-            "run-l2-0.5-kl", "run-activation-0.5-ce", "run-activation-0.5-kl"} <= set(stages)
+    assert {"dense", "eval-dense", "prune-activation-0.5", "tuning", "run-activation-0.5-ce",
+            "run-activation-0.5-kl"} <= set(stages)
     assert _stages(runs["multi"]) == stages
     assert _files(runs["multi"]) == _files(runs["single"])
     assert not [f for f in os.listdir(runs["multi"]) if ".tmp-" in f or ".old-" in f]  # every rename done
@@ -115,12 +115,12 @@ def test_dense_and_pruned_models_bitwise_equal_and_evaluated_alike(runs):
     # loading, weight norms, top-k and slicing: no arithmetic that depends on the device layout;
     # activation scores come from a sharded forward pass, but ulp-level differences did not change
     # which neurons are kept
-    for stage in ("dense", "prune-l2-0.5", "prune-activation-0.5"):
+    for stage in ("dense", "prune-activation-0.5"):
         got, want = (_params(os.path.join(runs[w], stage, "model")) for w in ("multi", "single"))
         assert set(got) == set(want)
         for k in want:
             np.testing.assert_array_equal(got[k], want[k], err_msg=f"{stage}: {k}")
-    for stage in ("eval-dense", "prune-l2-0.5", "prune-activation-0.5"):
+    for stage in ("eval-dense", "prune-activation-0.5"):
         # FSDP-sharded matmuls sum partial products across devices: gloo and in-process all-reduces
         # may round differently (1 ulp seen)
         np.testing.assert_allclose(_loglik(runs["multi"], stage), _loglik(runs["single"], stage), rtol=1e-6,
@@ -133,7 +133,7 @@ def test_dense_and_pruned_models_bitwise_equal_and_evaluated_alike(runs):
 def test_trained_runs_equal_within_float_rounding(runs):
     tuned = [json.load(open(os.path.join(runs[w], "tuning", "done.json")))["chosen"] for w in ("multi", "single")]
     assert tuned[0] == tuned[1] and tuned[0]["ce"]["steps"] == 3
-    for stage in ("run-l2-0.5-ce", "run-l2-0.5-kl", "run-activation-0.5-ce", "run-activation-0.5-kl"):
+    for stage in ("run-activation-0.5-ce", "run-activation-0.5-kl"):
         logs = [[json.loads(l) for l in open(os.path.join(runs[w], stage, "train", "metrics.jsonl"))]
                 for w in ("multi", "single")]
         assert [m["step"] for m in logs[0]] == [m["step"] for m in logs[1]] == [1, 2, 3]
@@ -156,7 +156,7 @@ def test_trained_runs_equal_within_float_rounding(runs):
 def test_process_zero_alone_reports(runs):
     p0, p1 = runs["logs"]
     assert "| run |" in p0 and "| run |" not in p1
-    assert "[stage] run-l2-0.5-kl" in p0 and "[stage]" not in p1
+    assert "[stage] run-activation-0.5-kl" in p0 and "[stage]" not in p1
 
 
 def test_relaunch_recomputes_nothing(runs):
