@@ -138,8 +138,8 @@ def _loss(name: str):
     return variant
 
 
-VARIANTS = {"demo": demo, "recovery": recovery, "recovery_tune": recovery_tune, "study": study, "tuned": tuned, "cache": cache,
-            "cache_full": lambda c: cache(c, full=True), "ce": _loss("ce"), "kl": _loss("kl")}
+VARIANTS = {"demo": demo, "recovery": recovery, "recovery_tune": recovery_tune, "study": study, "tuned": tuned,
+            "cache": cache, "cache_full": lambda c: cache(c, full=True), "ce": _loss("ce"), "kl": _loss("kl")}
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
