@@ -37,7 +37,11 @@ class Store:
 
     def run(self, name: str, fn: Callable[[str], dict]) -> dict:
         """Multi-host: every process runs `fn`; process 0 marks the stage done, and all wait for
-        that, so the next stage's `result` reads the same on every process."""
+        that, so the next stage's `result` reads the same on every process. All processes check
+        `done.json` only after all arrived here: otherwise process 0 could finish a collective-free
+        stage (e.g. tuning's selection) and mark it done before a slower process looked, and that
+        process would skip it and wait at the wrong barrier."""
+        barrier(f"olmo_jax:check:{name}")
         done = self.result(name)
         if done is not None:
             return done
