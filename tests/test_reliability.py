@@ -30,6 +30,8 @@ from tests.hf_helpers import tiny_model_dir
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE = "run-l2-0.3-ce"  # what train.main runs with configs/tiny.py: prune.ratio=0.3, train.loss=ce
 STEPS, CKPT_EVERY = 8, 2
+# The launches share the test run's persistent compilation cache (tests/conftest.py: in os.environ):
+# the runs compile the same programs, ~5 s saved per launch.
 ENV = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {CHEAP_XLA}", JAX_PLATFORMS="cpu",
            HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
@@ -147,17 +149,6 @@ def assert_user_error(r, *fragments):
 
 
 # ---- fixtures ----------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """The runs compile the same programs: a persistent compilation cache private to this module
-    saves ~5 s per launch (a cached executable is the one the reference run compiled)."""
-    ENV["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
-    ENV["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    yield
-    ENV.pop("JAX_COMPILATION_CACHE_DIR")
-    ENV.pop("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
-
 
 @pytest.fixture(scope="module")
 def src(tmp_path_factory):
