@@ -5,7 +5,7 @@ import json
 import os
 from typing import Any
 
-from olmo_jax import checkpoint, distributed, fsutil, hf_io
+from olmo_jax import checkpoint, distributed, fsutil, gguf_cache, hf_io
 from olmo_jax.assets import resolve
 from olmo_jax.config import ModelConfig, OlmoJaxError
 from olmo_jax.model import Transformer
@@ -38,9 +38,32 @@ def load_config(path: str) -> ModelConfig:
 
 
 def _gguf_hf_config(path: str) -> dict:
-    import transformers
-    d, fn = os.path.split(os.path.abspath(path))
-    return transformers.AutoConfig.from_pretrained(d, gguf_file=fn).to_dict()
+    def read():
+        import transformers
+        d, fn = os.path.split(os.path.abspath(path))
+        return transformers.AutoConfig.from_pretrained(d, gguf_file=fn).to_dict()
+
+    def build(directory):
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(read(), f)
+
+    cached = gguf_cache.entry(path, "config", build)
+    if cached is None:
+        return read()
+    with open(os.path.join(cached, "config.json")) as f:
+        return json.load(f)
+
+
+def _gguf_source(path: str, hf_config: dict) -> hf_io.TensorSource:
+    """The GGUF's tensors under HF names: from the conversion cache, converted on first use."""
+    def build(directory):
+        from safetensors.numpy import save_file
+        tensors = _gguf_tensors(path, hf_config)
+        save_file({k: hf_io.DictSource(tensors).read(k, ()) for k in tensors},
+                  os.path.join(directory, "model.safetensors"))
+
+    cached = gguf_cache.entry(path, "tensors", build)
+    return hf_io.DictSource(_gguf_tensors(path, hf_config)) if cached is None else hf_io.SafetensorsSource(cached)
 
 
 def _gguf_tensors(path: str, hf_config: dict) -> dict[str, Any]:
@@ -78,7 +101,7 @@ def from_pretrained(path: str, *, dtype: str = "float32", mesh=None,
     elif kind == "hf":
         params = hf_io.load_params(cfg, hf_io.SafetensorsSource(path), shardings)
     else:
-        params = hf_io.load_params(cfg, hf_io.DictSource(_gguf_tensors(path, cfg.to_hf())), shardings)
+        params = hf_io.load_params(cfg, _gguf_source(path, cfg.to_hf()), shardings)
     return Transformer(cfg, params, source=path, neuron_mask=mask)  # the tokenizer lives at `source`
 
 
@@ -87,7 +110,9 @@ def load_tokenizer(path: str):
     path = resolve(path)
     if _kind(path) == "gguf":
         d, fn = os.path.split(os.path.abspath(path))
-        return transformers.AutoTokenizer.from_pretrained(d, gguf_file=fn)
+        cached = gguf_cache.entry(path, "tokenizer", lambda directory: transformers.AutoTokenizer.from_pretrained(
+            d, gguf_file=fn).save_pretrained(directory))
+        return transformers.AutoTokenizer.from_pretrained(cached or d, **({} if cached else {"gguf_file": fn}))
     return transformers.AutoTokenizer.from_pretrained(path)
 
 

@@ -17,6 +17,11 @@ _OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 if _OWN_CACHE:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="olmo_jax_tests_jit_")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # cheap-XLA compiles are short
+# Likewise one GGUF conversion cache (olmo_jax/gguf_cache.py) per run: the packaged model is
+# dequantised once per run, not once per test file that loads it.
+_OWN_GGUF_CACHE = "OLMO_JAX_CACHE" not in os.environ
+if _OWN_GGUF_CACHE:
+    os.environ["OLMO_JAX_CACHE"] = tempfile.mkdtemp(prefix="olmo_jax_tests_gguf_")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -27,9 +32,13 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if _OWN_CACHE and "PYTEST_XDIST_WORKER" not in os.environ:
-        import shutil
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        return
+    import shutil
+    if _OWN_CACHE:
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+    if _OWN_GGUF_CACHE:
+        shutil.rmtree(os.environ["OLMO_JAX_CACHE"], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

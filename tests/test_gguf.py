@@ -103,6 +103,39 @@ def test_f32_reads_back_in_transformers(tiny):
     assert np.abs(got - want).max() / np.abs(want).max() <= 1e-4
 
 
+def _params_np(model):
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(model.param_dict())}
+
+
+def test_a_second_read_comes_from_the_conversion_cache_bit_for_bit(tiny_llama, tmp_path, monkeypatch):
+    """olmo_jax/gguf_cache.py: the first read converts and stores; later reads never call
+    transformers' GGUF reader and give the same arrays and tokenizer; a changed file is re-read."""
+    _, path, _ = tiny_llama
+    monkeypatch.setenv("OLMO_JAX_CACHE", "off")
+    direct, direct_tok = olmo_jax.from_pretrained(path), olmo_jax.load_tokenizer(path)
+    monkeypatch.setenv("OLMO_JAX_CACHE", str(tmp_path / "cache"))
+    olmo_jax.from_pretrained(path), olmo_jax.load_tokenizer(path)  # converts, stores
+    assert len(os.listdir(tmp_path / "cache" / "gguf")) == 1
+
+    def never(*a, **k):
+        raise AssertionError("transformers' GGUF reader called on a cached file")
+    with monkeypatch.context() as m:
+        m.setattr(olmo_jax.api, "_gguf_tensors", never)
+        cached = olmo_jax.from_pretrained(path)
+    want, got = _params_np(direct), _params_np(cached)
+    assert want.keys() == got.keys() and all(np.array_equal(want[k], got[k]) for k in want)
+    cached_tok = olmo_jax.load_tokenizer(path)
+    assert str(cached_tok.name_or_path).startswith(str(tmp_path / "cache"))  # saved files, not the GGUF
+    for text in PROMPTS + TRICKY:
+        assert cached_tok(text)["input_ids"] == direct_tok(text)["input_ids"]
+    assert cached_tok.all_special_tokens == direct_tok.all_special_tokens
+    assert cached_tok.chat_template == direct_tok.chat_template
+
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))  # "changed"
+    olmo_jax.from_pretrained(path)
+    assert len(os.listdir(tmp_path / "cache" / "gguf")) == 2
+
+
 @needs_llamacpp
 def test_f32_llamacpp_logprobs_match(tiny):
     """At every position llama.cpp's 5 most likely next tokens are ours (up to ties within the
