@@ -125,6 +125,7 @@ class MetricsLog:
         self.tb = SummaryWriter(os.path.join(workdir, "tb"))
 
     def _truncate_after(self, step: int):
+        """Keeps the records up to the resumed step; a run that starts over starts a fresh log."""
         if not os.path.exists(self.path):
             return
         keep = []
@@ -134,7 +135,7 @@ class MetricsLog:
                     rec = json.loads(line)
                 except json.JSONDecodeError:  # a line cut by a kill
                     continue
-                if rec.get("step", 0) <= step:
+                if 0 < step and rec.get("step", 0) <= step:
                     keep.append(json.dumps(rec))
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
@@ -207,6 +208,8 @@ def train(run: Settings, workdir: str, model_cfg: ModelConfig, params, mesh: Mes
     state, start, restored, step_fn, teacher_params = _setup(run, mngr, model_cfg, params, mesh, batcher, teacher,
                                                              neuron_mask, donate_params)
     metrics_log = MetricsLog(workdir, start)
+    if eval_fn is not None and t.eval_every and start == 0 and (point := eval_fn(state["params"], 0)):
+        metrics_log.write(0, point)  # the curve's starting point
     bar = _progress(t.progress, start, t.steps)
     last_good = start if restored else None
     try:

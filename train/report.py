@@ -248,7 +248,7 @@ def step_speed(workdir: str) -> dict[str, dict]:
         path = os.path.join(workdir, name, "train", "metrics.jsonl")
         if not os.path.isfile(path):
             continue
-        recs = [json.loads(line) for line in open(path)][1:]
+        recs = [r for r in map(json.loads, open(path)) if "step_time_s" in r][1:]  # not step 0's curve point
         if recs:
             out[name] = {"steps_timed": len(recs),
                          "median_step_s": float(np.median([r["step_time_s"] for r in recs])),
