@@ -6,9 +6,10 @@
     python -m train.pipeline --config=configs/smollm2_csqa.py:cache --workdir=runs/cache # docs/RESULTS.md
     python -m train.pipeline --config=configs/smollm2_csqa.py:recovery --workdir=runs/recovery # docs/RESULTS.md part 4
     python -m train.pipeline --config=configs/smollm2_csqa.py:recovery_tune --workdir=runs/recovery_tune # part 4, tuned
+    python -m train.pipeline --config=configs/smollm2_csqa.py:recovery_epoch --workdir=runs/recovery_epoch # one epoch
     python -m train.main --config=configs/smollm2_csqa.py:kl --workdir=runs/smol_kl      # one recovery run
 
-Variants (`:name`): demo (default) | recovery | recovery_tune | study | tuned | cache | cache_full | ce | kl. Override anything: `--config.opt.lr=1e-4`.
+Variants (`:name`): demo (default) | recovery | recovery_tune | recovery_epoch | study | tuned | cache | cache_full | ce | kl. Override anything: `--config.opt.lr=1e-4`.
 """
 from ml_collections import ConfigDict
 
@@ -88,6 +89,21 @@ def recovery_tune(c: ConfigDict) -> None:
     c.pipeline.tune.lambada = 100
 
 
+def recovery_epoch(c: ConfigDict) -> None:
+    """docs/RESULTS.md part 4, one epoch: CE and KL at the lrs `recovery_tune` chose, each over the
+    whole 9241-question train split once (1155 steps x 8), seed 0; curve points (200 heldout
+    questions, 50 LAMBADA passages) every 165 steps. ~2 h on 2 cores."""
+    recovery(c)
+    c.methods = ConfigDict()
+    c.pipeline.extra_methods = ()
+    c.pipeline.seeds = (0,)
+    c.pipeline.hparams = ConfigDict({"ce": {"lr": 1.5e-4}, "kl": {"lr": 4e-4}})
+    c.train.steps = 9241 // c.data.batch_size
+    c.train.ckpt_every = 165
+    c.pipeline.curves.every = 165
+    c.pipeline.curves.heldout = 200
+
+
 def study(c: ConfigDict) -> None:
     """docs/RESULTS.md part 1 (L2 at three ratios, activation at one); ~1 h on 2 CPU cores."""
     c.pipeline.ratios = (0.1, 0.3, 0.5)
@@ -138,8 +154,9 @@ def _loss(name: str):
     return variant
 
 
-VARIANTS = {"demo": demo, "recovery": recovery, "recovery_tune": recovery_tune, "study": study, "tuned": tuned,
-            "cache": cache, "cache_full": lambda c: cache(c, full=True), "ce": _loss("ce"), "kl": _loss("kl")}
+VARIANTS = {"demo": demo, "recovery": recovery, "recovery_tune": recovery_tune, "recovery_epoch": recovery_epoch,
+            "study": study, "tuned": tuned, "cache": cache, "cache_full": lambda c: cache(c, full=True),
+            "ce": _loss("ce"), "kl": _loss("kl")}
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
