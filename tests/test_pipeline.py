@@ -183,6 +183,28 @@ def test_relaunch_may_change_the_launch_but_not_the_study(finished):
         Store(workdir).claim(Settings.from_config(other).identity())
 
 
+def test_a_study_from_before_a_new_setting_resumes_while_the_setting_keeps_its_default(tmp_path):
+    """A workdir claimed by an earlier version (its identity lacks settings added since) resumes
+    while they keep their defaults; a changed one, or a setting removed since, is refused."""
+    from olmo_jax.config import OlmoJaxError
+    from train.study.store import CONFIG_FILE
+    config = config_of("unused")
+    config.pipeline.tune.lambada = 0  # the default
+    settings = Settings.from_config(config)
+    old = json.loads(json.dumps(settings.identity()))
+    del old["pipeline"]["tune"]["lambada"]                       # added after the study began
+    del old["pipeline"]["methods"][-1]["distill"]["choice_weight"]  # inside a method, too
+    claim = lambda s, stored: (
+        (tmp_path / CONFIG_FILE).write_text(json.dumps(stored)),
+        Store(str(tmp_path)).claim(s.identity(), complete=Settings.completed_identity))
+    claim(settings, old)
+    config.pipeline.tune.lambada = 5
+    with pytest.raises(OlmoJaxError, match="holds a run with a different config"):
+        claim(Settings.from_config(config), old)
+    with pytest.raises(OlmoJaxError, match="holds a run with a different config"):
+        claim(settings, old | {"removed_since": 1})
+
+
 def test_plan_declares_what_each_stage_reads():
     """Inputs run before their readers; every run reads its pruned start (and the tuning choice when
     tuning); a run needs the teacher exactly when its method does; the schedule's rounds of every

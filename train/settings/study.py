@@ -3,6 +3,7 @@ and validated once (`Settings.from_config`), specialised per run (`Settings.for_
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 
 from train.settings.groups import (CacheSettings, DataSettings, DistillSettings, EvalSettings, JaxSettings,
@@ -151,11 +152,41 @@ class Settings:
 
     def identity(self) -> dict:
         """What makes two launches the same study (the workdir keeps it): everything but the
-        launch (jax), the progress bar and the edge stage's measurement repeats."""
-        d = dataclasses.asdict(self)
-        d.pop("jax")
-        d["train"].pop("progress")
-        return d
+        launch (jax) and the progress bar."""
+        return _without_launch(dataclasses.asdict(self))
+
+    @classmethod
+    def completed_identity(cls, stored: dict) -> dict:
+        """An identity an earlier version wrote, with every setting added since at its default: a
+        study launched before a setting existed resumes while the setting keeps its default, and is
+        refused once it is changed (a setting removed since still differs: refused)."""
+        return _without_launch(_defaults_filled(stored, cls))
+
+
+def _without_launch(identity: dict) -> dict:
+    identity.pop("jax", None)
+    identity.get("train", {}).pop("progress", None)
+    return identity
+
+
+def _defaults_filled(value, kind):
+    """`value` (a settings dataclass `kind` in its JSON form) with the fields it lacks set to their
+    defaults, recursively, also inside tuple[dataclass, ...] fields (the methods)."""
+    import typing
+    if typing.get_origin(kind) is tuple and isinstance(value, list):
+        item = typing.get_args(kind)[0]
+        return [_defaults_filled(v, item) for v in value]
+    if not (dataclasses.is_dataclass(kind) and isinstance(value, dict)):
+        return value
+    hints, out = typing.get_type_hints(kind), dict(value)
+    for f in dataclasses.fields(kind):
+        if f.name in out:
+            out[f.name] = _defaults_filled(out[f.name], hints[f.name])
+        elif f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            out[f.name] = json.loads(json.dumps(dataclasses.asdict(default) if dataclasses.is_dataclass(default)
+                                                else default))
+    return out
 
 
 def _plain(x):

@@ -100,7 +100,7 @@ def open_study(config, workdir: str, *, evaluator: Evaluator | None = None) -> S
     mesh = mesh_from_config(settings.mesh)
     tokenizer = olmo_jax.load_tokenizer(source)
     rows = preflight(settings, mesh, tokenizer, source)
-    store.claim(settings.identity())
+    store.claim(settings.identity(), complete=Settings.completed_identity)
     return Study(settings, mesh, store, Residency(settings, mesh, dense_path), tokenizer,
                  evaluator or Evaluator(settings, tokenizer), dense_path, rows)
 

@@ -57,14 +57,15 @@ class Store:
         self.ran.append(name)
         return out
 
-    def claim(self, identity: dict) -> None:
+    def claim(self, identity: dict, complete: Callable[[dict], dict] = lambda stored: stored) -> None:
         """A workdir belongs to one study: relaunching with other settings is refused (it would mix
         results); the launch (`jax`: coordinator, process id) may change, so a study can be resumed
-        on another topology."""
+        on another topology. complete: the stored identity as this version writes it (settings
+        added since, at their defaults)."""
         path = os.path.join(self.workdir, CONFIG_FILE)
         want = json.loads(json.dumps(identity))
         if os.path.exists(path):
-            if json.load(open(path)) != want:
+            if json.loads(json.dumps(complete(json.load(open(path))))) != want:
                 raise OlmoJaxError(f"workdir {self.workdir} holds a run with a different config; use a new workdir")
         elif is_primary():
             os.makedirs(self.workdir, exist_ok=True)
