@@ -4,8 +4,8 @@ Reading a GGUF through transformers parses the file and dequantises every tensor
 for the packaged 135M model, where the same tensors as safetensors load in about a second; its
 config takes ~3 s and its tokenizer ~4 s to rebuild, where their saved files load at once. So the
 first read of a file writes what transformers produced (its HF config, the HF-named tensors as
-dequantised, the tokenizer files it saves) to a cache entry, and later reads load that entry instead: the
-same arrays and the same tokenizer, bit for bit (tests/test_gguf.py).
+dequantised, the tokenizer files it saves) to a cache entry, and later reads load that entry
+instead: the same arrays and the same tokenizer, bit for bit (tests/test_gguf.py).
 
 An entry is keyed by the file's absolute path, size and modification time and by the
 transformers version that converted it, so a changed file or converter never reads a stale

@@ -54,12 +54,12 @@ def measure(evaluator, model) -> dict:
 
 def retention(criterion: str, ratio: float | None) -> float:
     """The share of all parameters a regime keeps (prune/report.py's count for the packaged model)."""
+    if ratio is None:
+        return 1.0
     import olmo_jax
     from prune.report import report
     from prune.select import kept_count
     dense = olmo_jax.load_config("smollm2")
-    if ratio is None:
-        return 1.0
     return report(dense, kept_count(dense.intermediate_size, ratio))["retention_all_params"]
 
 
