@@ -22,6 +22,11 @@ if _OWN_CACHE:
 _OWN_GGUF_CACHE = "OLMO_JAX_CACHE" not in os.environ
 if _OWN_GGUF_CACHE:
     os.environ["OLMO_JAX_CACHE"] = tempfile.mkdtemp(prefix="olmo_jax_tests_gguf_")
+# xdist runs one worker per core: a worker's PyTorch (the reference models) with its default one
+# thread per core spins against the other workers. One thread each: test_eval_parity's transformers
+# loop 88 s -> 23 s beside a busy core (measured 2026-12-03). Users' and benchmarks' settings stand.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
