@@ -215,13 +215,8 @@ def train(run: Settings, workdir: str, model_cfg: ModelConfig, params, mesh: Mes
     try:
         with _SigtermFlag() as sigterm:
             for step in range(start, t.steps):
-                t0 = time.perf_counter()
-                mb = step_lib.split_micro_batches(batcher.batch_at(step), t.grad_accum)
-                state, metrics = step_fn(state, teacher_params, global_batch(mb, step_lib.batch_shardings(mesh, mb)))
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                dt = time.perf_counter() - t0
+                state, metrics = _timed_step(step_fn, state, teacher_params, batcher, mesh, step, t.grad_accum)
                 _check_finite(metrics, step, last_good)
-                metrics |= {"step_time_s": dt, "tokens_per_s": batcher.tokens_in_batch(step) / dt}
                 done = step + 1
                 if eval_fn is not None and t.eval_every and done % t.eval_every == 0:
                     metrics |= eval_fn(state["params"], done)
@@ -244,6 +239,17 @@ def train(run: Settings, workdir: str, model_cfg: ModelConfig, params, mesh: Mes
         metrics_log.close()
         mngr.close()
     return state["params"]
+
+
+def _timed_step(step_fn, state, teacher_params, batcher, mesh: Mesh, step: int, grad_accum: int):
+    """One optimizer step on the batch of `step`; its metrics as floats, with its wall time and
+    input tokens per second."""
+    t0 = time.perf_counter()
+    mb = step_lib.split_micro_batches(batcher.batch_at(step), grad_accum)
+    state, metrics = step_fn(state, teacher_params, global_batch(mb, step_lib.batch_shardings(mesh, mb)))
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    dt = time.perf_counter() - t0
+    return state, metrics | {"step_time_s": dt, "tokens_per_s": batcher.tokens_in_batch(step) / dt}
 
 
 def _save_due(mngr, done: int, final: bool, save_final: bool, stop: bool) -> bool:

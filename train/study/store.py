@@ -37,12 +37,14 @@ class Store:
 
     def run(self, name: str, fn: Callable[[str], dict]) -> dict:
         """Multi-host: every process runs `fn`; process 0 marks the stage done, and all wait for
-        that, so the next stage's `result` reads the same on every process. All processes check
-        `done.json` only after all arrived here: otherwise process 0 could finish a collective-free
-        stage (e.g. tuning's selection) and mark it done before a slower process looked, and that
-        process would skip it and wait at the wrong barrier."""
-        barrier(f"olmo_jax:check:{name}")
+        that, so the next stage's `result` reads the same on every process. Every process reads
+        `done.json` before the barrier that all must pass before process 0 can run the stage: read
+        after it, process 0 could finish a collective-free stage (e.g. tuning's selection) and
+        mark it done before a slower process looked, and that process would skip the stage and
+        wait at the wrong barrier. The barrier's name carries what each read, so processes that
+        disagree fail there, naming the stage."""
         done = self.result(name)
+        barrier(f"olmo_jax:check:{name}:{'done' if done is not None else 'todo'}")
         if done is not None:
             return done
         if is_primary():
