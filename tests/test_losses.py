@@ -64,6 +64,24 @@ def test_ce_matches_numpy(chunk):
     np.testing.assert_allclose(float(ref), want, rtol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_token_logprobs_greedy_is_argmax_with_ties_to_the_lower_id(chunk):
+    """greedy[b, s] == (argmax(logits) == tok), ties going to the lower id as argmax's do. With an
+    identity head the hidden states are the logits, so the ties are exact."""
+    r = np.random.default_rng(4)
+    z = r.normal(size=(B, S, V)).astype(np.float32)
+    z[:, :4, 3] = z[:, :4, 8] = 9.0  # ids 3 and 8 tie for the maximum at positions 0-3
+    tok = r.integers(0, V, size=(B, S)).astype(np.int32)
+    tok[:, 0], tok[:, 1], tok[:, 2] = 3, 8, 5  # the tie's winner, its loser, a non-maximum
+    tok[:, 4] = z[:, 4].argmax(-1)  # an untied maximum
+    lp, greedy = L.token_logprobs(z, np.eye(V, dtype=np.float32), tok, chunk=chunk, with_greedy=True)
+    want_lp = np.take_along_axis(_np_log_softmax(z.astype(np.float64)), tok[..., None], -1)[..., 0]
+    np.testing.assert_allclose(np.asarray(lp), want_lp, rtol=1e-5, atol=1e-6)
+    greedy = np.asarray(greedy)
+    assert greedy.tolist() == (z.argmax(-1) == tok).tolist()
+    assert greedy[:, 0].all() and not greedy[:, 1].any() and not greedy[:, 2].any() and greedy[:, 4].all()
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("T", [1.0, 2.5])
 @pytest.mark.parametrize("top_k", [None, 1, 3, V])

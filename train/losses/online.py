@@ -31,6 +31,17 @@ def _ce_per_pos(logits_BxSxV, tok_BxS):
     return lse - tgt
 
 
+def _is_argmax(logits_BxSxV, tok_BxS):
+    """argmax(logits) == tok (the lowest id among tied maxima, as argmax), from a max and a tie
+    check: plain reductions, which XLA:CPU vectorises. Its (value, index) argmax reduce took 0.8x
+    the logsumexp's time beside it, these 0.2x ([32, 32, 49152] logits, 2-core CPU)."""
+    top_BxSx1 = jnp.max(logits_BxSxV, axis=-1, keepdims=True)
+    tgt_BxS = jnp.take_along_axis(logits_BxSxV, tok_BxS[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    ids_1x1xV = jnp.arange(logits_BxSxV.shape[-1])[None, None]
+    lower_tie_BxS = jnp.any((logits_BxSxV == top_BxSx1) & (ids_1x1xV < tok_BxS[..., None]), axis=-1)
+    return (tgt_BxS >= top_BxSx1[..., 0]) & ~lower_tie_BxS
+
+
 def _kl_per_pos(zs_BxSxV, zt_BxSxV, *, temperature: float, reverse: bool, top_k: int | None):
     """T**2 * KL per position on temperature-softened distributions (see `kl_loss`)."""
     zs = zs_BxSxV / temperature
@@ -113,7 +124,7 @@ def token_logprobs(h_BxSxD, w_DxV, tok_BxS, *, chunk: int | None = 32, with_gree
         z = _logits(h, w)
         out = {"logp": -_ce_per_pos(z, tok)}
         if with_greedy:
-            out["greedy"] = jnp.argmax(z, axis=-1) == tok
+            out["greedy"] = _is_argmax(z, tok)
         return out
 
     out = over_chunks(per_chunk, (w_DxV,), (h_BxSxD, tok_BxS), chunk)
