@@ -62,6 +62,7 @@ def _cli(*args, env=None):
     (["--task=olmes,piqa:rc_9shot"], "error: unknown task 'piqa:rc_9shot'"),
     (["--task=olmes", "--limit=0"], "error: --limit must be >= 1"),
     (["--task=hellaswag:rc_5shot", "--split=heldout"], "error: --split=heldout exists for CSQA only"),
+    (["--compute_dtype=float16"], "error: --compute_dtype must be one of ['bfloat16', 'float32'], got 'float16'"),
 ])
 def test_eval_cli_bad_input(args, message):
     r = _cli(*args)

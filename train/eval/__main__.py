@@ -1,6 +1,7 @@
 """Evaluate a model on OLMES tasks, exactly as OLMES scores them.
 
     python -m train.eval --src=PATH --task=SPEC [--limit=N] [--split=validation] --out=FILE.json
+        [--compute_dtype=bfloat16]
 PATH: HF directory, .gguf, olmo_jax checkpoint, or `smollm2` (the packaged model).
 SPEC: TASK:FORMAT[,TASK:FORMAT...] (e.g. csqa:rc_0shot,hellaswag:mc_5shot), `olmes` (the nine
 tasks at rc_5shot, OLMES's `<task>:rc::olmes`), `lambada` (LM health), or a mix: `olmes,lambada`.
@@ -17,6 +18,9 @@ flags.DEFINE_integer("limit", None, "First N documents of each task (default: al
 flags.DEFINE_integer("batch_size", 32, "Rows per batch.")
 flags.DEFINE_string("out", None, "Write the JSON result here.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.DEFINE_string("compute_dtype", "float32", "float32 | bfloat16 (activations and matmul inputs in "
+                    "bfloat16, float32 accumulation: 1.5x faster on CPUs with AVX512-BF16, scores move "
+                    "~0.05 nats; docs/EVAL.md)")
 FLAGS = flags.FLAGS
 
 
@@ -44,18 +48,23 @@ def table(result: dict) -> str:
 def main(argv):
     del argv
     with user_errors():
+        import dataclasses
         import time
 
         import olmo_jax
         from olmo_jax import fsutil
+        from olmo_jax.config import DTYPES, OlmoJaxError
         from train.eval.run import check_request, evaluate_spec
         check_request(FLAGS.task, FLAGS.limit, FLAGS.split)
+        if FLAGS.compute_dtype not in DTYPES:
+            raise OlmoJaxError(f"--compute_dtype must be one of {sorted(DTYPES)}, got {FLAGS.compute_dtype!r}")
         model = olmo_jax.from_pretrained(FLAGS.src)
+        cfg = dataclasses.replace(model.config, compute_dtype=FLAGS.compute_dtype)
         t0 = time.perf_counter()
-        result = evaluate_spec(model.config, model.param_dict(), olmo_jax.load_tokenizer(model.source), FLAGS.task,
+        result = evaluate_spec(cfg, model.param_dict(), olmo_jax.load_tokenizer(model.source), FLAGS.task,
                                split=FLAGS.split, limit=FLAGS.limit, batch_size=FLAGS.batch_size,
                                progress=FLAGS.progress)
-        result |= {"src": FLAGS.src, "wall_s": time.perf_counter() - t0}
+        result |= {"src": FLAGS.src, "compute_dtype": FLAGS.compute_dtype, "wall_s": time.perf_counter() - t0}
         if FLAGS.out:
             fsutil.atomic_write_json(FLAGS.out, result)
         print(table(result))
