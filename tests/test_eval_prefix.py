@@ -70,16 +70,16 @@ def test_suite_result_shape(smol):
     assert lam["tokens"] == sum(p["tokens"] for p in lam["predictions"])
 
 
-# bfloat16 rounding of the matmul inputs moves a request's log-likelihood by a median 0.05 nats on
-# the full suite, at most 1.34 (a long PIQA solution); these 15 short CSQA requests by at most 0.17.
+# bfloat16 compute moves a request's log-likelihood by a median 0.05 nats on the full suite, at
+# most 1.34 (a 170-token PIQA solution); these 15 short CSQA requests by at most 0.17.
 TOL_BF16 = 0.5
 
 
 @pytest.mark.slow
 def test_bfloat16_compute_scores_close_to_float32(smol):
-    """`--compute_dtype=bfloat16` (matmul inputs rounded, float32 accumulation and head): every
-    request's log-likelihood stays within TOL_BF16 nats of float32's, prefix-cached or not, and
-    differs from it (the option does change the arithmetic)."""
+    """`--compute_dtype=bfloat16` (activations and matmul inputs in bfloat16, float32 accumulation
+    and head): every request's log-likelihood stays within TOL_BF16 nats of float32's, prefix-cached
+    or not, and differs from it (the option does change the arithmetic)."""
     import dataclasses
     model, tok = smol
     items, _ = _items(tasks.load_questions(tasks.EvalTask("csqa", "rc_5shot"), limit=3))
