@@ -70,14 +70,22 @@ def attention_mask(segment_ids_BxT):
 def _mm(x, w):
     """x [..., D] @ w [D, F], as one 2-D matmul: flattening the leading dims first gives XLA:CPU
     plain [N, D] x [D, F] dots in the backward pass too (the weight gradient is a single-contracting-
-    dim dot instead of a (b, t)-contracting one, which XLA:CPU lowered through extra transposes).
-    The dot accumulates and returns float32, rounded to the compute dtype after: in bfloat16 that is
-    what TPU and GPU matmul units do anyway, and on a CPU with AVX512-BF16 it is the fast kernel
-    (276 vs 107 GFLOP/s for a bfloat16 result, 176 in float32; [5120,576]x[576,1536], 2 cores)."""
+    dim dot instead of a (b, t)-contracting one, which XLA:CPU lowered through extra transposes)."""
     lead = x.shape[:-1]
-    x_NxD = x.reshape(-1, x.shape[-1])
-    y = jnp.dot(x_NxD, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+    y = _dot(x.reshape(-1, x.shape[-1]), w.astype(x.dtype))
     return y.reshape(*lead, w.shape[-1])
+
+
+def _dot(x_NxD, w_DxF):
+    """x @ w in their dtype. In bfloat16 on CPU the dot returns float32, rounded after: XLA:CPU's
+    AVX512-BF16 kernel (276 vs 107 GFLOP/s for a bfloat16 result, 176 in float32;
+    [5120,576]x[576,1536], 2 cores). Elsewhere the plain dot: TPUs and GPUs accumulate in float32
+    anyway, and a float32 result costs memory (+0.7 GB a chip for 7B's eval program on v5p-64)."""
+    if x_NxD.dtype == jnp.float32:
+        return jnp.dot(x_NxD, w_DxF)
+    return jax.lax.platform_dependent(
+        x_NxD, w_DxF, cpu=lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype),
+        default=jnp.dot)
 
 
 class FusedMask(NamedTuple):
