@@ -7,9 +7,10 @@
     python -m train.pipeline --config=configs/smollm2_csqa.py:recovery --workdir=runs/recovery # docs/RESULTS.md part 4
     python -m train.pipeline --config=configs/smollm2_csqa.py:recovery_tune --workdir=runs/recovery_tune # part 4, tuned
     python -m train.pipeline --config=configs/smollm2_csqa.py:recovery_epoch --workdir=runs/recovery_epoch # one epoch
+    python -m train.pipeline --config=configs/smollm2_csqa.py:recovery_distill --workdir=runs/recovery_distill # T, alpha
     python -m train.main --config=configs/smollm2_csqa.py:kl --workdir=runs/smol_kl      # one recovery run
 
-Variants (`:name`): demo (default) | recovery | recovery_tune | recovery_epoch | study | tuned | cache | cache_full | ce | kl. Override anything: `--config.opt.lr=1e-4`.
+Variants (`:name`): demo (default) | recovery | recovery_tune | recovery_epoch | recovery_distill | study | tuned | cache | cache_full | ce | kl. Override anything: `--config.opt.lr=1e-4`.
 """
 from ml_collections import ConfigDict
 
@@ -105,6 +106,20 @@ def recovery_epoch(c: ConfigDict) -> None:
     c.pipeline.curves.heldout = 200
 
 
+def recovery_distill(c: ConfigDict) -> None:
+    """docs/RESULTS.md part 4, the distillation options on heldout: KL with T 2 -> 1 (label-free)
+    and the Tunix/MaxText blend, alpha 0.9 -> 0.5 of CE with T 2 -> 1 (it reads labels: its own
+    arm). Each one 120-step run at KL's lr 1.5e-4, scored on the 500 heldout questions and 100
+    LAMBADA passages after 30, 60 and 120 steps, from the same pruned start and data as
+    `recovery_tune`, whose grid holds the T = 1 rows to set them beside. Tuning only: no grid."""
+    recovery_tune(c)
+    c.methods = ConfigDict({"kl-t2": {"temperature": 2.0, "temperature_end": 1.0},
+                            "kd-blend": {"alpha": 0.9, "alpha_end": 0.5, "temperature": 2.0, "temperature_end": 1.0}})
+    c.pipeline.methods = ("kl-t2", "kd-blend")
+    c.pipeline.tune.lrs = (1.5e-4,)
+    c.pipeline.ratios = ()
+
+
 def study(c: ConfigDict) -> None:
     """docs/RESULTS.md part 1 (L2 at three ratios, activation at one); ~1 h on 2 CPU cores."""
     c.pipeline.ratios = (0.1, 0.3, 0.5)
@@ -156,6 +171,7 @@ def _loss(name: str):
 
 
 VARIANTS = {"demo": demo, "recovery": recovery, "recovery_tune": recovery_tune, "recovery_epoch": recovery_epoch,
+            "recovery_distill": recovery_distill,
             "study": study, "tuned": tuned, "cache": cache, "cache_full": lambda c: cache(c, full=True),
             "ce": _loss("ce"), "kl": _loss("kl")}
 

@@ -1,0 +1,29 @@
+"""Every variant of the CPU study config validates and plans (a typo in a variant fails here, not
+an hour into a run), and the distillation-options variant plans what docs/RESULTS.md says it ran."""
+import pytest
+
+from configs.smollm2_csqa import VARIANTS, get_config
+from train.settings import Settings
+from train.study import plan as plan_lib
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_variant_validates_and_plans(variant):
+    stages = plan_lib.build(Settings.from_config(get_config(variant)))
+    assert stages and stages[0].name == "dense"
+
+
+def test_recovery_distill_tunes_the_two_options_and_runs_no_grid():
+    s = Settings.from_config(get_config("recovery_distill"))
+    assert [st.name for st in plan_lib.build(s)] == [
+        "dense", "eval-dense", "prune-activation-0.5", "tune-activation-0.5-kl-t2-lr0.00015",
+        "tune-activation-0.5-kd-blend-lr0.00015", "tuning"]
+    kl_t2, blend = s.pipeline.methods
+    assert (kl_t2.distill.temperature, kl_t2.distill.temperature_end, kl_t2.distill.max_alpha) == (2.0, 1.0, 0)
+    assert not kl_t2.reads_labels and blend.reads_labels
+    assert (blend.distill.alpha, blend.distill.alpha_end) == (0.9, 0.5)
+    # the same data, budget and heldout scoring as recovery_tune, whose T = 1 rows sit beside these
+    tune = Settings.from_config(get_config("recovery_tune"))
+    assert (s.data, s.train, s.pipeline.tune.steps, s.pipeline.tune.limit, s.pipeline.tune.lambada) == (
+        tune.data, tune.train, tune.pipeline.tune.steps, tune.pipeline.tune.limit, tune.pipeline.tune.lambada)
+    assert s.distill.positions == tune.distill.positions == "all_once"
