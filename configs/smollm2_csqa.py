@@ -10,7 +10,8 @@
     python -m train.pipeline --config=configs/smollm2_csqa.py:recovery_distill --workdir=runs/recovery_distill # T, alpha
     python -m train.main --config=configs/smollm2_csqa.py:kl --workdir=runs/smol_kl      # one recovery run
 
-Variants (`:name`): demo (default) | recovery | recovery_tune | recovery_epoch | recovery_distill | study | tuned | cache | cache_full | ce | kl. Override anything: `--config.opt.lr=1e-4`.
+Variants (`:name`): demo (default) | recovery | recovery_tune | recovery_epoch | recovery_distill |
+study | tuned | cache | cache_full | ce | kl. Override anything: `--config.opt.lr=1e-4`.
 """
 from ml_collections import ConfigDict
 

@@ -17,12 +17,14 @@ RNG = np.random.default_rng(0)
 def _mc(task: str, doc_ids, correct, gold=None) -> dict:
     gold = [0] * len(doc_ids) if gold is None else gold
     return {"task": task, "primary_metric": "acc_per_char",
-            "predictions": [{"doc_id": int(d), "gold": g, "correct": bool(c)} for d, c, g in zip(doc_ids, correct, gold)]}
+            "predictions": [{"doc_id": int(d), "gold": g, "correct": bool(c)}
+                            for d, c, g in zip(doc_ids, correct, gold)]}
 
 
 def _lm(doc_ids, nll, tokens) -> dict:
     return {"task": "lambada:bpb_0shot", "primary_metric": "loss_per_token",
-            "predictions": [{"doc_id": int(d), "nll": float(x), "tokens": int(t)} for d, x, t in zip(doc_ids, nll, tokens)]}
+            "predictions": [{"doc_id": int(d), "nll": float(x), "tokens": int(t)}
+                            for d, x, t in zip(doc_ids, nll, tokens)]}
 
 
 def _suite(*tasks) -> dict:
@@ -81,3 +83,7 @@ def test_cli_prints_the_table_and_refuses_a_bad_file_in_one_line(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "train.eval.compare", str(a), str(tmp_path / "missing.json")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: cannot read")
+    (tmp_path / "other.json").write_text(json.dumps({"task": "x:rc", "predictions": [{"id": 3}]}))
+    other = subprocess.run([sys.executable, "-m", "train.eval.compare", str(a), str(tmp_path / "other.json")],
+                           capture_output=True, text=True)
+    assert other.returncode == 2 and other.stderr == "error: not an evaluation result (missing 'doc_id')\n"

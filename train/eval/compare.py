@@ -39,8 +39,8 @@ def _matched(task: str, a: dict, b: dict) -> tuple[list[dict], list[dict]]:
 
 
 def _row(metric: str, diff: dict, n: int, a: float, b: float) -> dict:
-    return {"metric": metric, "n": n, "a": float(a), "b": float(b), "diff": diff["mean_diff"], "ci_low": diff["ci_low"], "ci_high": diff["ci_high"],
-            "p": diff["p_value"]}
+    return {"metric": metric, "n": n, "a": float(a), "b": float(b), "diff": diff["mean_diff"],
+            "ci_low": diff["ci_low"], "ci_high": diff["ci_high"], "p": diff["p_value"]}
 
 
 def compare(result_a: dict, result_b: dict) -> dict:
@@ -86,7 +86,8 @@ def load(path: str) -> dict:
 def table(comparison: dict) -> str:
     """The console table: A, B and A - B [95% CI] per task, then the macro average."""
     lines = ["| task | n | A | B | A - B [95% CI] | p |", "|---|---|---|---|---|---|"]
-    for name, r in list(comparison["tasks"].items()) + ([("macro", comparison["macro"])] if "macro" in comparison else []):
+    macro = [("macro", comparison["macro"])] if "macro" in comparison else []
+    for name, r in list(comparison["tasks"].items()) + macro:
         loss = r["metric"] == "loss_per_token"
         s = 1 if loss else 100  # accuracies in points, losses in nats a token
         f = "{:.3f}" if loss else "{:.1f}"
@@ -102,7 +103,10 @@ def main(argv):
     with user_errors():
         if len(argv) != 3:
             raise OlmoJaxError("usage: python -m train.eval.compare A.json B.json [--out=FILE.json]")
-        out = compare(load(argv[1]), load(argv[2])) | {"a": argv[1], "b": argv[2]}
+        try:
+            out = compare(load(argv[1]), load(argv[2])) | {"a": argv[1], "b": argv[2]}
+        except (KeyError, TypeError) as e:  # a JSON file, but not an eval result
+            raise OlmoJaxError(f"not an evaluation result (missing {e})") from None
         if flags.FLAGS.out:
             fsutil.atomic_write_json(flags.FLAGS.out, out)
         print(f"A = {argv[1]}\nB = {argv[2]}\n" + table(out))
