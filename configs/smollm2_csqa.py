@@ -121,6 +121,21 @@ def recovery_distill(c: ConfigDict) -> None:
     c.pipeline.ratios = ()
 
 
+def recovery_schedule(c: ConfigDict) -> None:
+    """docs/RESULTS.md part 4, the paper's identical pruning schedule: activation pruning to 50% in
+    three rounds of 256 neurons a layer (ratios 1/6, 1/3, 1/2: 1280, 1024, 768 kept), 20 recovery
+    steps after each, the same neurons for CE and KL, part 4's lrs, 3 seeds. The rounds together
+    train on the questions, in the order, of part 4's 60-step one-shot runs, which run beside them:
+    schedule vs one-shot is paired at equal data and steps. No recovery curves (time)."""
+    recovery(c)
+    c.methods = ConfigDict()
+    c.pipeline.extra_methods = ()
+    c.pipeline.hparams = ConfigDict({"ce": {"lr": 5e-5}, "kl": {"lr": 1.5e-4}})
+    c.pipeline.curves.every = 0
+    c.pipeline.schedule.rounds = (1 / 6, 1 / 3, 1 / 2)
+    c.pipeline.schedule.steps = 20
+
+
 def study(c: ConfigDict) -> None:
     """docs/RESULTS.md part 1 (L2 at three ratios, activation at one); ~1 h on 2 CPU cores."""
     c.pipeline.ratios = (0.1, 0.3, 0.5)
@@ -172,7 +187,7 @@ def _loss(name: str):
 
 
 VARIANTS = {"demo": demo, "recovery": recovery, "recovery_tune": recovery_tune, "recovery_epoch": recovery_epoch,
-            "recovery_distill": recovery_distill,
+            "recovery_distill": recovery_distill, "recovery_schedule": recovery_schedule,
             "study": study, "tuned": tuned, "cache": cache, "cache_full": lambda c: cache(c, full=True),
             "ce": _loss("ce"), "kl": _loss("kl")}
 

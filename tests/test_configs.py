@@ -27,3 +27,17 @@ def test_recovery_distill_tunes_the_two_options_and_runs_no_grid():
     assert (s.data, s.train, s.pipeline.tune.steps, s.pipeline.tune.limit, s.pipeline.tune.lambada) == (
         tune.data, tune.train, tune.pipeline.tune.steps, tune.pipeline.tune.limit, tune.pipeline.tune.lambada)
     assert s.distill.positions == tune.distill.positions == "all_once"
+
+
+def test_recovery_schedule_pairs_three_rounds_with_part_4s_one_shot_runs():
+    s = Settings.from_config(get_config("recovery_schedule"))
+    names = [st.name for st in plan_lib.build(s)]
+    one_shot = [f"run-activation-0.5-{m}-s{k}" for k in (0, 1, 2) for m in ("ce", "kl")]
+    rounds = [f"sched-activation-{m}-s{k}-r{r}" for k in (0, 1, 2) for m in ("ce", "kl") for r in (1, 2, 3)]
+    assert names == ["dense", "eval-dense", "prune-activation-0.5"] + one_shot + ["sched-masks-activation"] + rounds
+    assert s.pipeline.schedule.steps * len(s.pipeline.schedule.rounds) == s.train.steps == 60
+    part4 = Settings.from_config(get_config("recovery"))
+    assert (s.data, s.train, s.prune, s.distill, s.eval) == (part4.data, part4.train, part4.prune, part4.distill,
+                                                             part4.eval)
+    assert s.pipeline.methods == part4.pipeline.methods
+    assert s.pipeline.hparams == {m: part4.pipeline.hparams[m] for m in ("ce", "kl")}

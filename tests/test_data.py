@@ -244,6 +244,21 @@ def test_ce_and_kl_see_the_same_questions_in_the_same_order(tok, heldout_tok):
             assert _decode(tok, bc["tokens"][i, :p]).startswith("Question: ")
 
 
+def test_starting_at_continues_the_stream_across_epochs(heldout_tok):
+    """A schedule's round r reads steps [r*n, (r+1)*n) of the run's stream: `starting_at(k)` is the
+    same stream shifted by k (epoch boundaries included), and keeps its shift under `with_rows`."""
+    rows = _rows(heldout_tok, mode="kl")
+    whole = D.Batcher(rows, batch_size=32, seed=3)
+    k = whole.steps_per_epoch - 2  # the shifted stream crosses an epoch boundary at its step 2
+    later = whole.starting_at(k)
+    for step in range(5):
+        assert np.array_equal(later.indices_at(step), whole.indices_at(k + step))
+    assert np.array_equal(later.batch_at(3)["tokens"], whole.batch_at(k + 3)["tokens"])
+    assert later.starting_at(1).first_step == k + 1 and later.with_rows(rows).first_step == k
+    with pytest.raises(ValueError, match="first_step must be >= 0"):
+        whole.starting_at(-1)
+
+
 def test_process_slices_partition_the_global_batch(heldout_tok):
     rows = _rows(heldout_tok, mode="kl")
     glob = D.Batcher(rows, batch_size=32, seed=2)

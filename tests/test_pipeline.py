@@ -238,7 +238,7 @@ def test_plan_declares_what_each_stage_reads():
      "error: workdir gs://bucket/run is a URL; give a path every host sees (NFS, or the bucket mounted with "
      "gcsfuse): stage bookkeeping uses file renames"),
     (["-m", "train.pipeline", "--config=configs/smollm2_csqa.py:nope", "--workdir=/tmp/never"],
-     "error: unknown variant 'nope'; choose demo | recovery | recovery_tune | recovery_epoch | recovery_distill | study | tuned | cache | cache_full | ce | kl"),
+     "error: unknown variant 'nope'; choose demo | recovery | recovery_tune | recovery_epoch | recovery_distill | recovery_schedule | study | tuned | cache | cache_full | ce | kl"),
     (["-m", "train.pipeline", "--config=configs/olmo2.py:7b,h200", "--workdir=/tmp/never"],
      "error: OLMo2-7b does not fit h200 (AOT, docs/ACCELERATORS.md); h200 takes 1b"),
     (["-m", "train.pipeline", "--config=configs/smollm2_csqa.py", "--config.opt.lr=-1", "--workdir=/tmp/never"],
@@ -249,3 +249,80 @@ def test_clis_give_one_error_line(args, line):
                        cwd=os.path.dirname(os.path.dirname(__file__)))
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [line]
     assert not os.path.exists("/tmp/never")
+
+
+# ---- the identical iterative schedule, end to end ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def scheduled(tmp_path_factory):
+    """A study with one-shot runs and a two-round schedule (0.25 -> 0.5, 2 steps a round) for CE
+    and KL; records every compaction's mask and start model and every recovery's batches."""
+    import numpy as np
+
+    from train.study import stages
+    base = tmp_path_factory.mktemp("sched")
+    config = get_config(tiny_model_dir(base / "model"))
+    config.pipeline.methods = ("ce", "kl")
+    config.pipeline.data_sizes = ()
+    config.pipeline.schedule.rounds = (0.25, 0.5)
+    config.pipeline.schedule.steps = 2   # 2 rounds x 2 = the one-shot runs' 4 steps
+    compactions, batches = [], {}
+
+    def compact(model, mask):
+        compactions.append((np.asarray(model.param_dict()["layers"]["mlp"]["down_proj"]), np.asarray(mask)))
+        return compact_fn(model, mask)
+
+    def recover(run, workdir, student, teacher, batcher, **kw):
+        stage = os.path.basename(os.path.dirname(workdir))
+        batches[stage] = [batcher.indices_at(i).tolist() for i in range(run.train.steps)]
+        return recover_fn(run, workdir, student, teacher, batcher, **kw)
+
+    compact_fn, recover_fn = stages.prune_lib.compact, stages.recover
+    workdir = str(base / "work")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(stages.prune_lib, "compact", compact)
+        mp.setattr(stages, "recover", recover)
+        results = run_study(config, workdir)
+    return workdir, results, compactions, batches
+
+
+def test_schedule_rounds_train_on_the_one_shot_runs_questions(scheduled):
+    """Round r trains on steps [r*2, r*2 + 2) of its method's data stream: the two rounds together
+    see exactly the one-shot 4-step run's questions, in its order, and CE and KL the same ones."""
+    workdir, results, _, batches = scheduled
+    for m in ("ce", "kl"):
+        assert batches[f"sched-l2-{m}-r1"] + batches[f"sched-l2-{m}-r2"] == batches[f"run-l2-0.5-{m}"]
+        firsts = [Store(workdir).result(f"sched-l2-{m}-r{i}")["first_step"] for i in (1, 2)]
+        assert firsts == [0, 2]
+    assert batches["run-l2-0.5-ce"] == batches["run-l2-0.5-kl"]
+
+
+def test_schedule_rounds_prune_the_recovered_model_with_identical_masks(scheduled):
+    """Each round compacts the previous round's recovered model (not the dense one) with the
+    masks stage's nested masks, the same for CE and KL; the last round ends at the one-shot width."""
+    import numpy as np
+
+    import olmo_jax
+    from prune import round_mask
+    workdir, results, compactions, _ = scheduled
+    store = Store(workdir)
+    masks = np.load(os.path.join(store.path("sched-masks-l2"), "masks.npy"))
+    width = masks.shape[-1]
+    one_shot = [c for c in compactions if c[1].shape[-1] == width and c[1][0].sum() == width // 2]
+    rounds = [c for c in compactions if not any(c is o for o in one_shot)]
+    assert len(one_shot) == 1 and len(rounds) == 4  # ce r1, ce r2, kl r1, kl r2 (plan order)
+    dense_down = one_shot[0][0]
+    for i, m in enumerate(("ce", "kl")):
+        (start1, mask1), (start2, mask2) = rounds[2 * i], rounds[2 * i + 1]
+        np.testing.assert_array_equal(mask1, masks[0])
+        np.testing.assert_array_equal(mask2, round_mask(masks[0], masks[1]))
+        np.testing.assert_array_equal(start1, dense_down)
+        recovered1 = olmo_jax.from_pretrained(os.path.join(store.path(f"sched-l2-{m}-r1"), "model"))
+        np.testing.assert_array_equal(start2, np.asarray(recovered1.param_dict()["layers"]["mlp"]["down_proj"]))
+        pruned1 = np.stack([d[np.flatnonzero(k)] for d, k in zip(dense_down, masks[0])])
+        assert start2.shape == pruned1.shape and not np.allclose(start2, pruned1)  # recovery changed it
+        final = olmo_jax.from_pretrained(os.path.join(store.path(f"sched-l2-{m}-r2"), "model"))
+        assert final.config.intermediate_size == width // 2 == int(masks[1][0].sum())
+        assert store.result(f"sched-l2-{m}-r2")["steps"] == 4
+    compared = {(c["run"], c["baseline"]) for c in results["comparisons"]}
+    assert {("sched-l2-ce", "prune-l2-0.5"), ("sched-l2-kl", "prune-l2-0.5"), ("sched-l2-kl", "sched-l2-ce")} <= compared

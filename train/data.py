@@ -88,7 +88,8 @@ def build_rows(examples, tokenizer, *, loss: str = "ce", distill: DistillSetting
 # ---- the batcher -------------------------------------------------------------------------------
 
 class Batcher:
-    """Deterministic batches of pre-built rows: `batch_at(step)` depends only on (seed, step).
+    """Deterministic batches of pre-built rows: `batch_at(step)` depends only on (seed, step +
+    first_step); `starting_at(k)` is the same stream from its step k (a run continuing another's data).
 
     batch_size is the GLOBAL number of questions (rows) per step; with process_count P each host
     gets rows [i*B/P, (i+1)*B/P) of the global batch (B must divide by P).
@@ -97,7 +98,7 @@ class Batcher:
     def __init__(self, rows: Sequence[dict], *, batch_size: int, seed: int = 0, pad_id: int = 0,
                  seq_buckets: Sequence[int] = DEFAULT_SEQ_BUCKETS,
                  tgt_buckets: Sequence[int] = DEFAULT_TGT_BUCKETS,
-                 process_index: int = 0, process_count: int = 1):
+                 process_index: int = 0, process_count: int = 1, first_step: int = 0):
         self.rows = list(rows)
         self.n = len(self.rows)
         if batch_size < 1 or batch_size > self.n:
@@ -106,7 +107,9 @@ class Batcher:
             raise ValueError(f"bad process_index {process_index} / process_count {process_count}")
         if batch_size % process_count:
             raise ValueError(f"batch_size {batch_size} is not divisible by process_count {process_count}")
-        self.batch_size, self.seed, self.pad_id = batch_size, seed, pad_id
+        if first_step < 0:
+            raise ValueError(f"first_step must be >= 0, got {first_step}")
+        self.batch_size, self.seed, self.pad_id, self.first_step = batch_size, seed, pad_id, first_step
         self.seq_buckets, self.tgt_buckets = tuple(seq_buckets), tuple(tgt_buckets)
         self.process_index, self.process_count = process_index, process_count
         self.local_batch_size = batch_size // process_count
@@ -125,9 +128,17 @@ class Batcher:
         questions, e.g. the rows with a cached teacher's entries attached."""
         if len(rows) != self.n:
             raise ValueError(f"with_rows: {len(rows)} rows for a batcher of {self.n}")
+        return self._copy(rows, self.first_step)
+
+    def starting_at(self, first_step: int) -> "Batcher":
+        """This stream from its step `first_step` on: step 0 of the result is step `first_step` here."""
+        return self._copy(self.rows, self.first_step + first_step)
+
+    def _copy(self, rows: Sequence[dict], first_step: int) -> "Batcher":
         return Batcher(rows, batch_size=self.batch_size, seed=self.seed, pad_id=self.pad_id,
                        seq_buckets=self.seq_buckets, tgt_buckets=self.tgt_buckets,
-                       process_index=self.process_index, process_count=self.process_count)
+                       process_index=self.process_index, process_count=self.process_count,
+                       first_step=first_step)
 
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
@@ -141,6 +152,7 @@ class Batcher:
         """Row indices of the GLOBAL batch at `step`."""
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
+        step += self.first_step
         k = step % self.steps_per_epoch
         return self._perm(self.epoch_of(step))[k * self.batch_size:(k + 1) * self.batch_size]
 
