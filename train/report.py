@@ -23,7 +23,7 @@ def rows(results: dict) -> list[dict]:
                         retention_mlp=None if rep is None else rep["retention_mlp_params"],
                         train_examples=r.get("train_examples", 0), steps=r.get("steps", 0), lr=r.get("lr"),
                         eval=r["eval"], suite=r.get("suite"), lambada=r.get("lambada"),
-                        train_wall_s=r.get("train_wall_s", 0.0), train_flops=r.get("train_flops", 0.0),
+                        train_wall_s=r.get("train_wall_s"), train_flops=r.get("train_flops"),
                         resumed=r.get("resumed_from_step") is not None, reads_labels=r.get("reads_labels")))
     return out
 
@@ -94,7 +94,8 @@ def _row_markdown(r: dict) -> str:
     return (f"| {r['name']} | {r['criterion']} | {r['ratio']} | {ret} | {r['method']} | {pool} | "
             f"{r['steps']} | {'' if r['lr'] is None else format(r['lr'], 'g')} | {e[pm]:.4f} [{e['ci95'][0]:.3f}, "
             f"{e['ci95'][1]:.3f}] | {_fmt(_macro(r))} | {_fmt(_lambada(r), '.3f')} | {e['calibration']['ece']:.4f} | "
-            f"{r['train_wall_s']:.0f}{'*' if r.get('resumed') else ''} | {r['train_flops'] / 1e12:.1f} |")
+            f"{_fmt(r['train_wall_s'], '.0f')}{'*' if r.get('resumed') else ''} | "
+            f"{_fmt(None if r['train_flops'] is None else r['train_flops'] / 1e12, '.1f')} |")
 
 
 def suite_markdown(models: list[tuple[str, dict]]) -> str:

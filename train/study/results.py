@@ -2,8 +2,9 @@
 paired comparisons, read back from the stages' files.
 
 `comparisons` pairs every recovered model with its unrecovered start (baseline_kind "unrecovered")
-and every method with CE (and a cached-teacher KL with online KL; baseline_kind "method"), on the
-same questions, per metric:
+and every method with CE (and a cached-teacher KL with online KL; baseline_kind "method"), and a
+schedule's model with the same method's one-shot run (baseline_kind "one_shot"), on the same
+questions, per metric:
   csqa          CSQA accuracy (the primary metric)               paired bootstrap over questions
   suite_macro   the suite's macro average                         stratified paired bootstrap
   lambada_loss  LAMBADA per-token loss (negative = better)         paired bootstrap over passages
@@ -95,6 +96,8 @@ def _baselines(group: RunKey, groups: dict) -> list[tuple[RunKey, str]]:
         out.append((RunKey(group.criterion, group.ratio, "ce", variant=group.variant), "method"))
     if group.method.startswith("kl-cache"):
         out.append((RunKey(group.criterion, group.ratio, "kl", variant=group.variant), "method"))
+    if group.variant == "sched":
+        out.append((RunKey(group.criterion, group.ratio, group.method), "one_shot"))
     return [(b, kind) for b, kind in out if b in groups]
 
 

@@ -245,12 +245,15 @@ def schedule_round(study, out: str, inputs: dict, *, key: RunKey, method: Method
     # Round r trains on steps [r * steps, (r + 1) * steps) of the run's data stream: the rounds
     # together see the questions, in the order, of a one-shot run of rounds * steps steps.
     batcher = batcher_for(study, run, inputs).starting_at(round_ * sched.steps)
+    t0 = time.perf_counter()
     model = recover(run, os.path.join(out, "train"), pruned, _teacher(study, run), batcher,
                     mesh=study.mesh, donate_student=True, save_final=False)
+    wall = time.perf_counter() - t0 + (inputs[previous].get("train_wall_s", 0.0) if round_ else 0.0)
     models.save(model, out, meta={"key": key.as_dict(), "round": round_})
     _remove_checkpoints(out)
     result = {"round": round_, "ratio": sched.rounds[round_], "kept": int(all_masks[round_][0].sum()),
-              "method": method.name, "steps": sched.steps, "first_step": batcher.first_step}
+              "method": method.name, "steps": sched.steps, "first_step": batcher.first_step,
+              "train_wall_s": wall}  # this round's and the rounds' before it
     if round_ == len(sched.rounds) - 1:
         result |= {"key": key.as_dict(), "criterion": key.criterion, "seed": run.data.seed, "lr": run.opt.lr,
                    "steps": sched.steps * len(sched.rounds), "reads_labels": method.reads_labels,
