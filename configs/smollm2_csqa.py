@@ -107,6 +107,11 @@ def recovery_epoch(c: ConfigDict) -> None:
     c.pipeline.curves.heldout = 200
 
 
+# The Tunix/MaxText distillation blend: alpha 0.9 -> 0.5 of CE on the gold answer, the rest KL with
+# T 2 -> 1 (it reads labels: its own arm, never "label-free").
+BLEND = {"alpha": 0.9, "alpha_end": 0.5, "temperature": 2.0, "temperature_end": 1.0}
+
+
 def recovery_distill(c: ConfigDict) -> None:
     """docs/RESULTS.md part 4, the distillation options on heldout: KL with T 2 -> 1 (label-free)
     and the Tunix/MaxText blend, alpha 0.9 -> 0.5 of CE with T 2 -> 1 (it reads labels: its own
@@ -114,11 +119,22 @@ def recovery_distill(c: ConfigDict) -> None:
     LAMBADA passages after 30, 60 and 120 steps, from the same pruned start and data as
     `recovery_tune`, whose grid holds the T = 1 rows to set them beside. Tuning only: no grid."""
     recovery_tune(c)
-    c.methods = ConfigDict({"kl-t2": {"temperature": 2.0, "temperature_end": 1.0},
-                            "kd-blend": {"alpha": 0.9, "alpha_end": 0.5, "temperature": 2.0, "temperature_end": 1.0}})
+    c.methods = ConfigDict({"kl-t2": {"temperature": 2.0, "temperature_end": 1.0}, "kd-blend": BLEND})
     c.pipeline.methods = ("kl-t2", "kd-blend")
     c.pipeline.tune.lrs = (1.5e-4,)
     c.pipeline.ratios = ()
+
+
+def recovery_blend(c: ConfigDict) -> None:
+    """docs/RESULTS.md part 4, the CE blend at part 4's budget and lrs: `BLEND` at KL's lr 1.5e-4,
+    60 steps, 3 seeds, beside part 4's CE and KL runs (same pruned start, data and evaluation;
+    paired with both). No recovery curves (time)."""
+    recovery(c)
+    c.methods = ConfigDict({"kd-blend": BLEND})
+    c.pipeline.methods = ("ce", "kl", "kd-blend")
+    c.pipeline.extra_methods = ()
+    c.pipeline.hparams = ConfigDict({"ce": {"lr": 5e-5}, "kl": {"lr": 1.5e-4}, "kd-blend": {"lr": 1.5e-4}})
+    c.pipeline.curves.every = 0
 
 
 def recovery_schedule(c: ConfigDict) -> None:
@@ -187,7 +203,8 @@ def _loss(name: str):
 
 
 VARIANTS = {"demo": demo, "recovery": recovery, "recovery_tune": recovery_tune, "recovery_epoch": recovery_epoch,
-            "recovery_distill": recovery_distill, "recovery_schedule": recovery_schedule,
+            "recovery_distill": recovery_distill, "recovery_blend": recovery_blend,
+            "recovery_schedule": recovery_schedule,
             "study": study, "tuned": tuned, "cache": cache, "cache_full": lambda c: cache(c, full=True),
             "ce": _loss("ce"), "kl": _loss("kl")}
 

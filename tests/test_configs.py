@@ -41,3 +41,16 @@ def test_recovery_schedule_pairs_three_rounds_with_part_4s_one_shot_runs():
                                                              part4.eval)
     assert s.pipeline.methods == part4.pipeline.methods
     assert s.pipeline.hparams == {m: part4.pipeline.hparams[m] for m in ("ce", "kl")}
+
+
+def test_recovery_blend_adds_the_blend_to_part_4s_grid_and_changes_nothing_else():
+    s = Settings.from_config(get_config("recovery_blend"))
+    names = [st.name for st in plan_lib.build(s)]
+    assert names == ["dense", "eval-dense", "prune-activation-0.5"] + [
+        f"run-activation-0.5-{m}-s{k}" for k in (0, 1, 2) for m in ("ce", "kl", "kd-blend")]
+    part4, distill = (Settings.from_config(get_config(v)) for v in ("recovery", "recovery_distill"))
+    assert (s.data, s.train, s.prune, s.distill, s.eval) == (part4.data, part4.train, part4.prune, part4.distill,
+                                                             part4.eval)
+    assert s.pipeline.methods[:2] == part4.pipeline.methods
+    assert s.pipeline.methods[2] == distill.pipeline.methods[1] and s.pipeline.methods[2].reads_labels
+    assert s.pipeline.hparams == {m: part4.pipeline.hparams[m] for m in ("ce", "kl")} | {"kd-blend": {"lr": 1.5e-4}}

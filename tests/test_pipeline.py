@@ -238,7 +238,7 @@ def test_plan_declares_what_each_stage_reads():
      "error: workdir gs://bucket/run is a URL; give a path every host sees (NFS, or the bucket mounted with "
      "gcsfuse): stage bookkeeping uses file renames"),
     (["-m", "train.pipeline", "--config=configs/smollm2_csqa.py:nope", "--workdir=/tmp/never"],
-     "error: unknown variant 'nope'; choose demo | recovery | recovery_tune | recovery_epoch | recovery_distill | recovery_schedule | study | tuned | cache | cache_full | ce | kl"),
+     "error: unknown variant 'nope'; choose demo | recovery | recovery_tune | recovery_epoch | recovery_distill | recovery_blend | recovery_schedule | study | tuned | cache | cache_full | ce | kl"),
     (["-m", "train.pipeline", "--config=configs/olmo2.py:7b,h200", "--workdir=/tmp/never"],
      "error: OLMo2-7b does not fit h200 (AOT, docs/ACCELERATORS.md); h200 takes 1b"),
     (["-m", "train.pipeline", "--config=configs/smollm2_csqa.py", "--config.opt.lr=-1", "--workdir=/tmp/never"],
