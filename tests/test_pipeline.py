@@ -205,6 +205,24 @@ def test_a_study_from_before_a_new_setting_resumes_while_the_setting_keeps_its_d
         claim(settings, old | {"removed_since": 1})
 
 
+def test_a_schedule_from_before_per_round_steps_resumes(tmp_path):
+    """`pipeline.schedule.steps` was one int before it could differ per round: a workdir that stored
+    20 resumes as (20,), and is refused for another value."""
+    from olmo_jax.config import OlmoJaxError
+    from train.study.store import CONFIG_FILE
+    config = config_of("unused")
+    config.pipeline.schedule.rounds, config.pipeline.schedule.steps = (0.2, 0.4, 0.5), (20,)
+    old = json.loads(json.dumps(Settings.from_config(config).identity()))
+    old["pipeline"]["schedule"]["steps"] = 20
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(old))
+    claim = lambda s: Store(str(tmp_path)).claim(Settings.from_config(s).identity(),
+                                                 complete=Settings.completed_identity)
+    claim(config)
+    config.pipeline.schedule.steps = (10,)
+    with pytest.raises(OlmoJaxError, match="holds a run with a different config"):
+        claim(config)
+
+
 def test_plan_declares_what_each_stage_reads():
     """Inputs run before their readers; every run reads its pruned start (and the tuning choice when
     tuning); a run needs the teacher exactly when its method does; the schedule's rounds of every
@@ -212,7 +230,7 @@ def test_plan_declares_what_each_stage_reads():
     config = config_of("unused")
     config.pipeline.methods = ("ce", "kl", "kl-cache-topk-4")
     config.pipeline.schedule.rounds = (0.2, 0.5)
-    config.pipeline.schedule.steps = 1
+    config.pipeline.schedule.steps = (1,)
     s = Settings.from_config(config)
     plan = plan_lib.build(s)
     seen = set()
@@ -238,7 +256,7 @@ def test_plan_declares_what_each_stage_reads():
      "error: workdir gs://bucket/run is a URL; give a path every host sees (NFS, or the bucket mounted with "
      "gcsfuse): stage bookkeeping uses file renames"),
     (["-m", "train.pipeline", "--config=configs/smollm2_csqa.py:nope", "--workdir=/tmp/never"],
-     "error: unknown variant 'nope'; choose demo | recovery | recovery_tune | recovery_epoch | recovery_distill | recovery_blend | recovery_schedule | study | tuned | cache | cache_full | ce | kl"),
+     "error: unknown variant 'nope'; choose demo | recovery | recovery_tune | recovery_epoch | recovery_distill | recovery_blend | recovery_schedule | recovery_schedule_late | study | tuned | cache | cache_full | ce | kl"),
     (["-m", "train.pipeline", "--config=configs/olmo2.py:7b,h200", "--workdir=/tmp/never"],
      "error: OLMo2-7b does not fit h200 (AOT, docs/ACCELERATORS.md); h200 takes 1b"),
     (["-m", "train.pipeline", "--config=configs/smollm2_csqa.py", "--config.opt.lr=-1", "--workdir=/tmp/never"],
@@ -255,7 +273,7 @@ def test_clis_give_one_error_line(args, line):
 
 @pytest.fixture(scope="module")
 def scheduled(tmp_path_factory):
-    """A study with one-shot runs and a two-round schedule (0.25 -> 0.5, 2 steps a round) for CE
+    """A study with one-shot runs and a two-round schedule (0.25 -> 0.5, 1 then 3 steps) for CE
     and KL; records every compaction's mask and start model and every recovery's batches."""
     import numpy as np
 
@@ -265,7 +283,7 @@ def scheduled(tmp_path_factory):
     config.pipeline.methods = ("ce", "kl")
     config.pipeline.data_sizes = ()
     config.pipeline.schedule.rounds = (0.25, 0.5)
-    config.pipeline.schedule.steps = 2   # 2 rounds x 2 = the one-shot runs' 4 steps
+    config.pipeline.schedule.steps = (1, 3)   # uneven rounds; together the one-shot runs' 4 steps
     compactions, batches = [], {}
 
     def compact(model, mask):
@@ -287,13 +305,15 @@ def scheduled(tmp_path_factory):
 
 
 def test_schedule_rounds_train_on_the_one_shot_runs_questions(scheduled):
-    """Round r trains on steps [r*2, r*2 + 2) of its method's data stream: the two rounds together
-    see exactly the one-shot 4-step run's questions, in its order, and CE and KL the same ones."""
+    """Round 1 trains on step 0 of its method's data stream, round 2 on steps [1, 4): the two rounds
+    together see exactly the one-shot 4-step run's questions, in its order, and CE and KL the same
+    ones."""
     workdir, results, _, batches = scheduled
     for m in ("ce", "kl"):
+        assert [len(batches[f"sched-l2-{m}-r{i}"]) for i in (1, 2)] == [1, 3]
         assert batches[f"sched-l2-{m}-r1"] + batches[f"sched-l2-{m}-r2"] == batches[f"run-l2-0.5-{m}"]
         firsts = [Store(workdir).result(f"sched-l2-{m}-r{i}")["first_step"] for i in (1, 2)]
-        assert firsts == [0, 2]
+        assert firsts == [0, 1]
     assert batches["run-l2-0.5-ce"] == batches["run-l2-0.5-kl"]
 
 

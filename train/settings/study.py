@@ -25,10 +25,15 @@ class TuneSettings:
 @dataclass(frozen=True)
 class ScheduleSettings:
     """The paper's identical pruning schedule: prune to each cumulative ratio in `rounds` in turn,
-    recovering `steps` steps after each, the same neurons for every method; () = one-shot only."""
+    recovering `steps` steps after each (one value for every round, or one per round), the same
+    neurons for every method; () = one-shot only."""
     rounds: tuple[float, ...] = ()
-    steps: int = 0
+    steps: tuple[int, ...] = ()
     criterion: str = ""              # "" = prune.criterion
+
+    def round_steps(self) -> tuple[int, ...]:
+        """The recovery steps after each round, one per round."""
+        return self.steps * len(self.rounds) if len(self.steps) == 1 else self.steps
 
 
 @dataclass(frozen=True)
@@ -123,8 +128,10 @@ class Settings:
                "pipeline.tune", "lrs must be > 0, steps >= 1 and lambada >= 0")
         _check(list(p.schedule.rounds) == sorted(set(p.schedule.rounds)), "pipeline.schedule.rounds",
                f"cumulative ratios, strictly increasing, got {p.schedule.rounds}")
-        _check(not p.schedule.rounds or p.schedule.steps >= 1, "pipeline.schedule.steps",
-               "recovery steps per round must be >= 1")
+        _check(not p.schedule.rounds or (len(p.schedule.steps) in (1, len(p.schedule.rounds))
+                                         and all(_is_int(n) and n >= 1 for n in p.schedule.steps)),
+               "pipeline.schedule.steps", f"recovery steps >= 1, one value for every round or one per "
+               f"round ({len(p.schedule.rounds)}), got {p.schedule.steps}")
         for name, hp in p.hparams.items():
             _check(name in {m.name for m in p.methods + p.extra_methods}, "pipeline.hparams",
                    f"{name!r} is not one of the methods")
@@ -159,7 +166,12 @@ class Settings:
     def completed_identity(cls, stored: dict) -> dict:
         """An identity an earlier version wrote, with every setting added since at its default: a
         study launched before a setting existed resumes while the setting keeps its default, and is
-        refused once it is changed (a setting removed since still differs: refused)."""
+        refused once it is changed (a setting removed since still differs: refused). The schedule's
+        `steps`, one int before it could differ per round, reads as that one value for every round."""
+        sched = stored.get("pipeline", {}).get("schedule", {})
+        if _is_int(sched.get("steps")):
+            stored = json.loads(json.dumps(stored))
+            stored["pipeline"]["schedule"]["steps"] = [sched["steps"]]
         return _without_launch(_defaults_filled(stored, cls))
 
 

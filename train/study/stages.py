@@ -235,16 +235,18 @@ def schedule_round(study, out: str, inputs: dict, *, key: RunKey, method: Method
                    previous: str, seed: int | None = None) -> dict:
     """Round `round_` of `method`'s schedule: from the model of stage `previous` (the dense model or
     the previous round's recovered model), remove the neurons that leave this round's mask, recover
-    schedule.steps steps, save. The last round is evaluated like any run."""
+    this round's schedule steps, save. The last round is evaluated like any run."""
     sched = study.settings.pipeline.schedule
     all_masks = np.load(os.path.join(study.store.path(masks), "masks.npy"))
     kept_before = np.ones_like(all_masks[0]) if round_ == 0 else all_masks[round_ - 1]
     start = models.load(study.settings, models.model_path(study.store.path(previous)), study.mesh)
     pruned = prune_lib.compact(start, prune_lib.round_mask(kept_before, all_masks[round_]))
-    run = study.settings.for_run(method, seed=seed, lr=hparams(study, method, inputs).get("lr"), steps=sched.steps)
-    # Round r trains on steps [r * steps, (r + 1) * steps) of the run's data stream: the rounds
-    # together see the questions, in the order, of a one-shot run of rounds * steps steps.
-    batcher = batcher_for(study, run, inputs).starting_at(round_ * sched.steps)
+    steps = sched.round_steps()
+    run = study.settings.for_run(method, seed=seed, lr=hparams(study, method, inputs).get("lr"), steps=steps[round_])
+    # Each round trains on the next steps of the run's data stream (round r from the sum of the
+    # steps before it): the rounds together see the questions, in the order, of a one-shot run of
+    # sum(steps) steps.
+    batcher = batcher_for(study, run, inputs).starting_at(sum(steps[:round_]))
     t0 = time.perf_counter()
     model = recover(run, os.path.join(out, "train"), pruned, _teacher(study, run), batcher,
                     mesh=study.mesh, donate_student=True, save_final=False)
@@ -252,10 +254,10 @@ def schedule_round(study, out: str, inputs: dict, *, key: RunKey, method: Method
     models.save(model, out, meta={"key": key.as_dict(), "round": round_})
     _remove_checkpoints(out)
     result = {"round": round_, "ratio": sched.rounds[round_], "kept": int(all_masks[round_][0].sum()),
-              "method": method.name, "steps": sched.steps, "first_step": batcher.first_step,
+              "method": method.name, "steps": steps[round_], "first_step": batcher.first_step,
               "train_wall_s": wall}  # this round's and the rounds' before it
     if round_ == len(sched.rounds) - 1:
         result |= {"key": key.as_dict(), "criterion": key.criterion, "seed": run.data.seed, "lr": run.opt.lr,
-                   "steps": sched.steps * len(sched.rounds), "reads_labels": method.reads_labels,
+                   "steps": sum(steps), "reads_labels": method.reads_labels,
                    "train_examples": run.data.train_examples} | study.evaluator.everything(model, out)
     return result
