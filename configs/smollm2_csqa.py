@@ -13,7 +13,8 @@
     python -m train.main --config=configs/smollm2_csqa.py:kl --workdir=runs/smol_kl      # one recovery run
 
 Variants (`:name`): demo (default) | recovery | recovery_tune | recovery_epoch | recovery_distill |
-recovery_blend | recovery_schedule | recovery_schedule_late | study | tuned | cache | cache_full | ce | kl. Override anything: `--config.opt.lr=1e-4`.
+recovery_blend | recovery_schedule | recovery_schedule_late | study | tuned | cache | cache_full | ce |
+kl. Override anything: `--config.opt.lr=1e-4`.
 """
 from ml_collections import ConfigDict
 
