@@ -183,44 +183,44 @@ def test_relaunch_may_change_the_launch_but_not_the_study(finished):
         Store(workdir).claim(Settings.from_config(other).identity())
 
 
+def _claim_over(workdir, settings, stored: dict):
+    """Claim `workdir`, whose stored identity is `stored` (as an earlier version wrote it), for
+    `settings`, the way the pipeline does."""
+    from train.study.store import CONFIG_FILE
+    (workdir / CONFIG_FILE).write_text(json.dumps(stored))
+    Store(str(workdir)).claim(settings.identity(), complete=Settings.completed_identity)
+
+
 def test_a_study_from_before_a_new_setting_resumes_while_the_setting_keeps_its_default(tmp_path):
     """A workdir claimed by an earlier version (its identity lacks settings added since) resumes
     while they keep their defaults; a changed one, or a setting removed since, is refused."""
     from olmo_jax.config import OlmoJaxError
-    from train.study.store import CONFIG_FILE
     config = config_of("unused")
     config.pipeline.tune.lambada = 0  # the default
     settings = Settings.from_config(config)
     old = json.loads(json.dumps(settings.identity()))
     del old["pipeline"]["tune"]["lambada"]                       # added after the study began
     del old["pipeline"]["methods"][-1]["distill"]["choice_weight"]  # inside a method, too
-    claim = lambda s, stored: (
-        (tmp_path / CONFIG_FILE).write_text(json.dumps(stored)),
-        Store(str(tmp_path)).claim(s.identity(), complete=Settings.completed_identity))
-    claim(settings, old)
+    _claim_over(tmp_path, settings, old)
     config.pipeline.tune.lambada = 5
     with pytest.raises(OlmoJaxError, match="holds a run with a different config"):
-        claim(Settings.from_config(config), old)
+        _claim_over(tmp_path, Settings.from_config(config), old)
     with pytest.raises(OlmoJaxError, match="holds a run with a different config"):
-        claim(settings, old | {"removed_since": 1})
+        _claim_over(tmp_path, settings, old | {"removed_since": 1})
 
 
 def test_a_schedule_from_before_per_round_steps_resumes(tmp_path):
     """`pipeline.schedule.steps` was one int before it could differ per round: a workdir that stored
     20 resumes as (20,), and is refused for another value."""
     from olmo_jax.config import OlmoJaxError
-    from train.study.store import CONFIG_FILE
     config = config_of("unused")
     config.pipeline.schedule.rounds, config.pipeline.schedule.steps = (0.2, 0.4, 0.5), (20,)
     old = json.loads(json.dumps(Settings.from_config(config).identity()))
     old["pipeline"]["schedule"]["steps"] = 20
-    (tmp_path / CONFIG_FILE).write_text(json.dumps(old))
-    claim = lambda s: Store(str(tmp_path)).claim(Settings.from_config(s).identity(),
-                                                 complete=Settings.completed_identity)
-    claim(config)
+    _claim_over(tmp_path, Settings.from_config(config), old)
     config.pipeline.schedule.steps = (10,)
     with pytest.raises(OlmoJaxError, match="holds a run with a different config"):
-        claim(config)
+        _claim_over(tmp_path, Settings.from_config(config), old)
 
 
 def test_plan_declares_what_each_stage_reads():
