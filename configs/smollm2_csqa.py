@@ -97,8 +97,8 @@ def recovery_tune(c: ConfigDict) -> None:
 def recovery_epoch(c: ConfigDict) -> None:
     """docs/RESULTS.md part 4, one epoch: CE and KL at the lrs `recovery_tune` chose, each over the
     whole 9241-question train split once (1155 steps x 8), seed 0; curve points (200 heldout
-    questions, 50 LAMBADA passages) every 165 steps. Measured: CE trained 38.6 min on 2 idle cores;
-    KL's epoch took 2 h, mostly on one core (docs/RESULTS.md, "One epoch")."""
+    questions, 50 LAMBADA passages) every 165 steps. Measured on 2 idle cores: CE trains 30-39 min,
+    KL 70 min (docs/RESULTS.md, "One epoch")."""
     recovery(c)
     c.methods = ConfigDict()
     c.pipeline.extra_methods = ()
