@@ -42,6 +42,9 @@ def _lambada(r) -> float | None:
 
 def markdown(results: dict) -> str:
     lines = []
+    if results["config"].get("pooled_from"):
+        lines.append("Pooled over the seeds of " + ", ".join(results["config"]["pooled_from"])
+                     + " (`python -m train.report --pool`).\n")
     dense = results.get("dense")
     if dense:
         e = dense["eval"]
@@ -298,16 +301,22 @@ def write_report(results: dict, workdir: str) -> None:
 
 
 def main(argv):
-    """python -m train.report --workdir=DIR: (re)write the report from a workdir's finished stages."""
+    """python -m train.report --workdir=DIR: (re)write the report from a workdir's finished stages.
+    With --pool=A,B,...: first build DIR as the pool of those workdirs' seeds (train/study/pool.py)."""
     del argv
     from absl import flags
 
     from olmo_jax.cli import user_errors
     from olmo_jax.config import OlmoJaxError
+    from train.study.pool import pool
     from train.study.results import collect
     from train.study.store import CONFIG_FILE
-    workdir = flags.FLAGS.workdir
+    workdir, sources = flags.FLAGS.workdir, flags.FLAGS.pool
     with user_errors():
+        if sources:
+            if not workdir:
+                raise OlmoJaxError("--pool needs --workdir: the directory the pooled study is written to")
+            pool(sources, workdir)
         if not workdir or not os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
             raise OlmoJaxError(f"--workdir={workdir!r} is not a pipeline workdir (no {CONFIG_FILE})")
         write_report(collect(workdir), workdir)
@@ -316,5 +325,6 @@ def main(argv):
 
 if __name__ == "__main__":
     from absl import app, flags
-    flags.DEFINE_string("workdir", None, "A pipeline workdir.")
+    flags.DEFINE_string("workdir", None, "A pipeline workdir (with --pool: the pooled study's, written).")
+    flags.DEFINE_list("pool", [], "Pipeline workdirs of one study run per seed, pooled into --workdir.")
     app.run(main)

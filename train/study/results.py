@@ -43,7 +43,7 @@ def _load(store: Store, name: str, file: str) -> dict | None:
     return json.load(open(path)) if os.path.isfile(path) else None
 
 
-def _outcomes(store: Store, name: str) -> dict:
+def per_question(store: Store, name: str) -> dict:
     """Per-question outcomes of one model stage: {"csqa": [Q], "suite": {task: [Q]}, "lambada": ([N] nll, [N] tokens)}."""
     out = {}
     csqa = _load(store, name, "eval.json")
@@ -104,7 +104,7 @@ def _baselines(group: RunKey, groups: dict) -> list[tuple[RunKey, str]]:
 def comparisons(store: Store, runs: dict[str, dict]) -> list[dict]:
     """The paired comparisons of every recovered run group (see the module docstring)."""
     groups = _groups(runs)
-    outcomes = {name: _outcomes(store, name) for members in groups.values() for name, _ in members}
+    outcomes = {name: per_question(store, name) for members in groups.values() for name, _ in members}
     out = []
     for group, members in groups.items():
         if group.method == UNRECOVERED:
@@ -116,7 +116,7 @@ def comparisons(store: Store, runs: dict[str, dict]) -> list[dict]:
             if None in base_names:
                 continue
             a = _pooled([outcomes[n] for n in seeds.values()])
-            b = _pooled([outcomes.get(n) or _outcomes(store, n) for n in base_names])
+            b = _pooled([outcomes.get(n) or per_question(store, n) for n in base_names])
             for metric, c in _compare(a, b).items():
                 out.append({"run": group.stage, "seeds": sorted(s for s in seeds if s is not None),
                             "baseline": base.stage, "baseline_kind": kind, "metric": metric, "diff": c["mean_diff"],
