@@ -74,6 +74,24 @@ def test_pooling_again_rebuilds_the_pool_and_leaves_the_sources(studies, tmp_pat
     assert os.path.isfile(os.path.join(dirs["s0"], "run-l2-0.5-ce", "model", "olmo_jax.json"))
 
 
+def test_methods_are_compared_on_the_seeds_both_ran(studies, tmp_path):
+    """KL over seeds 0 and 1 against CE of seed 0 only: KL vs CE pairs seed 0 (what the seed-0
+    study reports), KL vs its unrecovered start pools both seeds (what the two-seed study reports)."""
+    _, dirs = studies
+    kl_only = _copy(dirs["s1"], tmp_path / "kl_only")
+    shutil.rmtree(os.path.join(kl_only, "run-l2-0.5-ce"))
+    pool([dirs["s0"], kl_only], str(tmp_path / "pooled"))
+    pooled = _by_key(collect(str(tmp_path / "pooled"))["comparisons"])
+    s0, both = _by_key(collect(dirs["s0"])["comparisons"]), _by_key(collect(dirs["both"])["comparisons"])
+    for metric in ("csqa", "suite_macro", "lambada_loss"):
+        versus_ce = pooled[("run-l2-0.5-kl", "run-l2-0.5-ce", metric)]
+        assert versus_ce["seeds"] == [0]
+        assert {k: v for k, v in versus_ce.items() if k != "seeds"} == {
+            k: v for k, v in s0[("run-l2-0.5-kl", "run-l2-0.5-ce", metric)].items() if k != "seeds"}
+        assert pooled[("run-l2-0.5-kl", "prune-l2-0.5", metric)] == both[("run-l2-0.5-kl", "prune-l2-0.5", metric)]
+        assert pooled[("run-l2-0.5-ce", "prune-l2-0.5", metric)]["seeds"] == [0]
+
+
 def _copy(src, dst, edit_config=None):
     shutil.copytree(src, dst, symlinks=True)
     if edit_config:

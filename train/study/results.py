@@ -10,7 +10,8 @@ questions, per metric:
   lambada_loss  LAMBADA per-token loss (negative = better)         paired bootstrap over passages
 Seeds are pooled: a run group's per-question outcome is its mean over seeds (the baseline's too),
 and the bootstrap resamples questions, so the interval covers question sampling for the mean of
-these seeds (seed-to-seed spread is reported beside it, not inside it).
+these seeds (seed-to-seed spread is reported beside it, not inside it). Against another method,
+only the seeds both ran are paired (e.g. KL seeds 1, 2 vs CE seed 2: seed 2); `seeds` says which.
 """
 from __future__ import annotations
 
@@ -112,13 +113,14 @@ def comparisons(store: Store, runs: dict[str, dict]) -> list[dict]:
         seeds = {k.seed: name for name, k in members}
         for base, kind in _baselines(group, groups):
             base_members = dict((k.seed, n) for n, k in groups[base])
-            base_names = [base_members.get(s, base_members.get(None)) for s in seeds]
-            if None in base_names:
+            paired = [s for s in seeds if s in base_members or None in base_members]
+            if not paired:
                 continue
-            a = _pooled([outcomes[n] for n in seeds.values()])
-            b = _pooled([outcomes.get(n) or per_question(store, n) for n in base_names])
+            a = _pooled([outcomes[seeds[s]] for s in paired])
+            b = _pooled([outcomes.get(n) or per_question(store, n)
+                         for n in (base_members.get(s, base_members.get(None)) for s in paired)])
             for metric, c in _compare(a, b).items():
-                out.append({"run": group.stage, "seeds": sorted(s for s in seeds if s is not None),
+                out.append({"run": group.stage, "seeds": sorted(s for s in paired if s is not None),
                             "baseline": base.stage, "baseline_kind": kind, "metric": metric, "diff": c["mean_diff"],
                             "ci_low": c["ci_low"], "ci_high": c["ci_high"], "p": c["p_value"]})
     return out
