@@ -98,7 +98,9 @@ def recovery_epoch(c: ConfigDict) -> None:
     """docs/RESULTS.md part 4, one epoch: CE and KL at the lrs `recovery_tune` chose, each over the
     whole 9241-question train split once (1155 steps x 8), seed 0; curve points (200 heldout
     questions, 50 LAMBADA passages) every 165 steps. Measured on 2 idle cores: CE trains 30-39 min,
-    KL 70 min (docs/RESULTS.md, "One epoch")."""
+    KL 70 min (docs/RESULTS.md, "One epoch"). Seeds 1 and 2 ran as their own workdirs
+    (`--config.pipeline.seeds="(2,)"`), reported together by `python -m train.report --pool=A,B
+    --workdir=DIR`."""
     recovery(c)
     c.methods = ConfigDict()
     c.pipeline.extra_methods = ()
