@@ -118,57 +118,67 @@ def attention(cfg: ModelConfig, p: Params, x_BxTxD, cos_BxTxE, sin_BxTxE, mask_B
         out_BxTxHxE = fused_attention(mask_BxTxT.impl, q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, mask_BxTxT.segment_ids_BxT)
         return _mm(out_BxTxHxE.reshape(b, t, h * e), p["o_proj"]), (k_BxTxKxE, v_BxTxKxE)
     q_BxTxKxGxE = q_BxTxHxE.reshape(b, t, k, h // k, e)
-    scores_BxKxGxTxT = _masked_scores(q_BxTxKxGxE, k_BxTxKxE, mask_BxTxT)
+    scale = e ** -0.5
+    scores_BxKxTxGxT = _masked_scores(q_BxTxKxGxE, k_BxTxKxE, mask_BxTxT)
     if past is None:
-        probs_BxKxGxTxT = jax.nn.softmax(scores_BxKxGxTxT, axis=-1).astype(v_BxTxKxE.dtype)
-        out_BxTxKxGxE = jnp.einsum("bkgts,bske->btkge", probs_BxKxGxTxT, v_BxTxKxE)
+        probs_BxKxTxGxT = jax.nn.softmax(scores_BxKxTxGxT * scale, axis=-1).astype(v_BxTxKxE.dtype)
+        out_BxTxKxGxE = _weighted_values(probs_BxKxTxGxT, v_BxTxKxE)
     elif past[0].shape[0] == 1:  # one prefix every row shares (prefix-cached scoring; decoding one row)
-        out_BxTxKxGxE = _attend_with_shared_prefix(q_BxTxKxGxE, scores_BxKxGxTxT, v_BxTxKxE, *past)
+        out_BxTxKxGxE = _attend_with_shared_prefix(q_BxTxKxGxE, scores_BxKxTxGxT, v_BxTxKxE, *past)
     else:
         # One softmax over [cached slots, own tokens]: the cache is read in place, never copied.
         k_past_BxMxKxE, v_past_BxMxKxE, past_mask_BxTxM = past
         m = k_past_BxMxKxE.shape[1]
-        scores_BxKxGxTxM = _masked_scores(q_BxTxKxGxE, k_past_BxMxKxE, past_mask_BxTxM)
-        probs = jax.nn.softmax(jnp.concatenate([scores_BxKxGxTxM, scores_BxKxGxTxT], axis=-1), axis=-1)
+        scores_BxKxTxGxM = _masked_scores(q_BxTxKxGxE, k_past_BxMxKxE, past_mask_BxTxM)
+        probs = jax.nn.softmax(jnp.concatenate([scores_BxKxTxGxM, scores_BxKxTxGxT], axis=-1) * scale, axis=-1)
         probs = probs.astype(v_BxTxKxE.dtype)
-        out_BxTxKxGxE = (jnp.einsum("bkgts,bske->btkge", probs[..., :m], v_past_BxMxKxE)
-                         + jnp.einsum("bkgts,bske->btkge", probs[..., m:], v_BxTxKxE))
+        out_BxTxKxGxE = _weighted_values(probs[..., :m], v_past_BxMxKxE) + _weighted_values(probs[..., m:], v_BxTxKxE)
     out_BxTxHE = out_BxTxKxGxE.reshape(b, t, h * e)
     return _mm(out_BxTxHE, p["o_proj"]), (k_BxTxKxE, v_BxTxKxE)
 
 
 def _masked_scores(q_BxTxKxGxE, k_BxSxKxE, mask_BxTxS):
-    """Scaled dot-product scores [B, K, G, T, S] in float32 (S keys: own tokens or cache slots)."""
-    scores_BxKxGxTxS = jnp.einsum("btkge,bske->bkgts", q_BxTxKxGxE, k_BxSxKxE,
-                                  preferred_element_type=jnp.float32) * (q_BxTxKxGxE.shape[-1] ** -0.5)
-    return jnp.where(mask_BxTxS[:, None, None], scores_BxKxGxTxS, _MASK_VALUE)
+    """Dot-product scores [B, K, T, G, S] in float32, masked and NOT yet scaled by 1/sqrt(E): the
+    softmax applies the scale, so XLA:CPU never makes a scaled copy of them (S keys: own tokens or
+    cache slots). [B, K, T, G, S] is the batched dot's own output layout (batch dims, then q's free
+    dims in order, then k's): asked for [B, K, G, T, S], XLA:CPU transposed every [.., T, S] block."""
+    scores_BxKxTxGxS = jnp.einsum("btkge,bske->bktgs", q_BxTxKxGxE, k_BxSxKxE, preferred_element_type=jnp.float32)
+    return jnp.where(mask_BxTxS[:, None, :, None, :], scores_BxKxTxGxS, _MASK_VALUE)
 
 
-def _attend_with_shared_prefix(q_BxTxKxGxE, own_BxKxGxTxT, v_BxTxKxE, k_1xMxKxE, v_1xMxKxE, mask_BxTxM):
+def _weighted_values(probs_BxKxTxGxS, v_BxSxKxE, result_dtype=None):
+    """sum_s probs * v -> [B, T, K, G, E] (in result_dtype; default the inputs'), the dot in its own
+    [B, K, T, G, E] layout and the small result transposed after."""
+    out_BxKxTxGxE = jnp.einsum("bktgs,bske->bktge", probs_BxKxTxGxS, v_BxSxKxE, preferred_element_type=result_dtype)
+    return jnp.transpose(out_BxKxTxGxE, (0, 2, 1, 3, 4))
+
+
+def _attend_with_shared_prefix(q_BxTxKxGxE, own_BxKxTxGxT, v_BxTxKxE, k_1xMxKxE, v_1xMxKxE, mask_BxTxM):
     """Attention over a batch-1 cache (M slots every row sees, as `mask_BxTxM` allows; None: all)
-    and the rows' own tokens (masked scores `own_BxKxGxTxT`): the same softmax as over their
-    concatenation, taken in two parts that share one max and one normaliser, so the [.., M]
+    and the rows' own tokens (masked, unscaled scores `own_BxKxTxGxT`): the same softmax as over
+    their concatenation, taken in two parts that share one max and one normaliser, so the [.., M]
     scores are never concatenated or sliced. They are laid out kv-head first ([K, B, T, G, M], the
-    dot's natural output), so no [.., M]-sized array is transposed either."""
+    dot's natural output), so no [.., M]-sized array is transposed either, and the 1/sqrt(E) scale
+    is applied inside the exps, so none is copied to scale it (the max commutes with a positive
+    scale)."""
     k_MxKxE, v_MxKxE = k_1xMxKxE[0], v_1xMxKxE[0]
-    past_KxBxTxGxM = jnp.einsum("btkge,mke->kbtgm", q_BxTxKxGxE, k_MxKxE,
-                                preferred_element_type=jnp.float32) * (q_BxTxKxGxE.shape[-1] ** -0.5)
+    scale = q_BxTxKxGxE.shape[-1] ** -0.5
+    past_KxBxTxGxM = jnp.einsum("btkge,mke->kbtgm", q_BxTxKxGxE, k_MxKxE, preferred_element_type=jnp.float32)
     if mask_BxTxM is not None:
         past_KxBxTxGxM = jnp.where(mask_BxTxM[None, :, :, None, :], past_KxBxTxGxM, _MASK_VALUE)
-    to_bkgt = lambda x_KxBxTxG: jnp.transpose(x_KxBxTxG, (1, 0, 3, 2))  # noqa: E731
-    max_BxKxGxT = jnp.maximum(to_bkgt(jnp.max(past_KxBxTxGxM, axis=-1)), jnp.max(own_BxKxGxTxT, axis=-1))
-    past_KxBxTxGxM = jnp.exp(past_KxBxTxGxM - jnp.transpose(max_BxKxGxT, (1, 0, 3, 2))[..., None])
-    own_BxKxGxTxT = jnp.exp(own_BxKxGxTxT - max_BxKxGxT[..., None])
-    total_BxKxGxT = to_bkgt(jnp.sum(past_KxBxTxGxM, axis=-1)) + jnp.sum(own_BxKxGxTxT, axis=-1)
+    swap01 = lambda x: jnp.swapaxes(x, 0, 1)  # noqa: E731  [K, B, ..] <-> [B, K, ..]
+    max_BxKxTxG = jnp.maximum(swap01(jnp.max(past_KxBxTxGxM, axis=-1)), jnp.max(own_BxKxTxGxT, axis=-1))
+    past_KxBxTxGxM = jnp.exp((past_KxBxTxGxM - swap01(max_BxKxTxG)[..., None]) * scale)
+    own_BxKxTxGxT = jnp.exp((own_BxKxTxGxT - max_BxKxTxG[..., None]) * scale)
+    total_BxKxTxG = swap01(jnp.sum(past_KxBxTxGxM, axis=-1)) + jnp.sum(own_BxKxTxGxT, axis=-1)
     dt = v_BxTxKxE.dtype
     # The dot in its own layout, transposed after ([B, T, K, G, E] is small): asked for btkge, XLA:CPU
     # transposed the [K, M, B*T*G] probabilities instead (36 ms a layer at B*T 5120, M 367).
     past_KxBxTxGxE = jnp.einsum("kbtgm,mke->kbtge", past_KxBxTxGxM.astype(dt), v_MxKxE,
                                 preferred_element_type=jnp.float32)
     out_BxTxKxGxE = (jnp.transpose(past_KxBxTxGxE, (1, 2, 0, 3, 4))
-                     + jnp.einsum("bkgts,bske->btkge", own_BxKxGxTxT.astype(dt), v_BxTxKxE,
-                                  preferred_element_type=jnp.float32))
-    return (out_BxTxKxGxE / jnp.transpose(total_BxKxGxT, (0, 3, 1, 2))[..., None]).astype(dt)
+                     + _weighted_values(own_BxKxTxGxT.astype(dt), v_BxTxKxE, jnp.float32))
+    return (out_BxTxKxGxE / jnp.transpose(total_BxKxTxG, (0, 2, 1, 3))[..., None]).astype(dt)
 
 
 def mlp(p: Params, x_BxTxD):
