@@ -113,15 +113,17 @@ def _check_student_teacher(name, hs, ws, ht, wt, temperature, top_k):
 
 # ---- public losses on hidden states -------------------------------------------------------------
 
-def token_logprobs(h_BxSxD, w_DxV, tok_BxS, *, chunk: int | None = 32, with_greedy: bool = False):
+def token_logprobs(h_BxSxD, w_DxV, tok_BxS, *, chunk: int | None = 32, with_greedy: bool = False,
+                   operand_dtype=None):
     """`log softmax(h @ w)[tok]` per target, [B, S] float32 (evaluation scoring), `chunk` positions
     at a time: no [B, S, V] logits tensor. with_greedy: also [B, S] bool, tok is the argmax (ties
-    to the lower id, as argmax)."""
+    to the lower id, as argmax). operand_dtype: None, the head's dot in float32; bfloat16, its
+    operands in bfloat16 with float32 accumulation (`chunks.logits`); the softmax is float32."""
     _check_hw("token_logprobs", h_BxSxD, w_DxV)
 
     def per_chunk(consts, h, tok):
         (w,) = consts
-        z = _logits(h, w)
+        z = _logits(h, w, operand_dtype)
         out = {"logp": -_ce_per_pos(z, tok)}
         if with_greedy:
             out["greedy"] = _is_argmax(z, tok)
