@@ -9,7 +9,7 @@ Three kinds of work are never done twice:
     attend to, `olmo_jax.model.attention`). The prefix is cut from the TOKENISED contexts (their
     longest common token prefix, less one token), never from the text: the text prefix "...\\n\\n"
     is not a token prefix of the full context, so every row sees exactly its own context's tokens.
-  - The LM head runs only at target positions, chunked, in float32.
+  - The LM head runs only at target positions, chunked, its softmax in float32.
 Rows are sorted by length and padded into a few length buckets, so XLA compiles a handful of
 programs. Scores equal full-context scoring within float rounding (tests/test_eval_prefix.py).
 """
@@ -38,8 +38,12 @@ from train.losses import token_logprobs
 SEQ_BUCKETS = (16, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 256, 320, 384, 512, 640, 768, 1024, 1280, 1536, 2048)
 TGT_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 # Rows per batch: as many as fit this many token slots (a power of two, at most the caller's
-# batch_size): long rows come in small batches, short rows in large ones, at a few shapes.
-TOKENS_PER_BATCH = 8192
+# batch_size): long rows come in small batches, short rows in large ones, at a few shapes. CPUs take
+# 2048: a batch's activations then stay in cache. A HellaSwag-shaped batch (160 tokens a row after
+# a 367-token prefix) cost per row, in bfloat16, 0.81x at 8 rows of what it cost at 32 (8192 slots),
+# 0.84x at 16 rows, 0.93x at 4 (2-core Xeon, docs/EVAL.md "Speed"). Accelerators want large matmuls.
+TOKENS_PER_BATCH = {"cpu": 2048}
+DEFAULT_TOKENS_PER_BATCH = 8192
 MIN_SHARED_PREFIX = 16  # tokens: below this a prefix cache saves less than its extra program costs
 
 
@@ -59,8 +63,12 @@ class Scores(NamedTuple):
 
 
 def _target_scores(cfg, params, h, batch):
-    lp, greedy = token_logprobs(gather_positions(h, batch["tgt_pos"]), head_weight(cfg, params), batch["tgt_tok"],
-                                with_greedy=True)
+    # a 16-bit compute dtype runs the head's dot in it too (float32 accumulation and softmax); the
+    # weight is cast once here, not in every chunk
+    operands = None if cfg.compute_dtype == "float32" else cfg.jnp_compute_dtype
+    w_DxV = head_weight(cfg, params) if operands is None else head_weight(cfg, params).astype(operands)
+    lp, greedy = token_logprobs(gather_positions(h, batch["tgt_pos"]), w_DxV, batch["tgt_tok"],
+                                with_greedy=True, operand_dtype=operands)
     return lp * batch["tgt_weight"], greedy
 
 
@@ -140,7 +148,9 @@ def score_items(cfg: ModelConfig, params, tokenizer, items: Sequence[Item], *, b
         r["positions"] += p
     out = _empty_scores(len(items), max(len(it.continuations) for it in items))
     bar = _bar(progress, len(items))
-    for idx, rows_per_batch in batches_by_length([len(r["tokens"]) for r in rows], batch_size, multiple):
+    tokens_per_batch = TOKENS_PER_BATCH.get(jax.default_backend(), DEFAULT_TOKENS_PER_BATCH)
+    for idx, rows_per_batch in batches_by_length([len(r["tokens"]) for r in rows], batch_size, multiple,
+                                                 tokens_per_batch):
         batch = collate([rows[i] for i in idx], seq_buckets=SEQ_BUCKETS, tgt_buckets=TGT_BUCKETS,
                         pad_id=tokenizer_pad_id(tokenizer), batch_size=rows_per_batch)
         on_device = {k: jnp.asarray(v) if mesh is None else jax.device_put(v, batch_sharding(mesh, v.ndim))
@@ -157,9 +167,10 @@ def score_items(cfg: ModelConfig, params, tokenizer, items: Sequence[Item], *, b
     return out
 
 
-def batches_by_length(lengths: Sequence[int], max_rows: int, multiple: int = 1) -> list[tuple[list[int], int]]:
+def batches_by_length(lengths: Sequence[int], max_rows: int, multiple: int = 1,
+                      tokens_per_batch: int = DEFAULT_TOKENS_PER_BATCH) -> list[tuple[list[int], int]]:
     """[(row indices, rows per batch)]: rows sorted by length, grouped by sequence bucket, each
-    group cut into batches of as many rows as TOKENS_PER_BATCH slots hold (a power of two, at most
+    group cut into batches of as many rows as `tokens_per_batch` slots hold (a power of two, at most
     max_rows; a group's last batch the smallest power of two that holds it), rounded up to a
     multiple of `multiple` (the mesh's data-parallel size). The same on every process."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
@@ -168,7 +179,7 @@ def batches_by_length(lengths: Sequence[int], max_rows: int, multiple: int = 1) 
         groups.setdefault(pick_bucket(lengths[i], SEQ_BUCKETS, "eval row length"), []).append(i)
     out = []
     for t, idx in groups.items():
-        per = _power_of_two_at_most(min(max_rows, TOKENS_PER_BATCH // t))
+        per = _power_of_two_at_most(min(max_rows, tokens_per_batch // t))
         for i in range(0, len(idx), per):
             part = idx[i:i + per]  # a short last batch gets the smallest power of two that holds it
             rows = min(per, 1 << (len(part) - 1).bit_length())
