@@ -290,6 +290,19 @@ def test_bf16_inputs_use_float32_math():
     assert g[0].dtype == g[1].dtype == jnp.bfloat16
 
 
+def test_token_logprobs_bf16_operands_round_only_the_dot_inputs():
+    """operand_dtype=bfloat16 equals float32 math on bf16-rounded h and w (the dot accumulates and
+    the softmax runs in float32), and it does differ from the float32 head."""
+    hs, ws, _, _, tok, _ = _rand(15, scale=4.0)
+    up = lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))  # noqa: E731
+    want = np.take_along_axis(_np_log_softmax(up(hs).astype(np.float64) @ up(ws)), tok[..., None], -1)[..., 0]
+    got = L.token_logprobs(hs, ws, tok, chunk=3, operand_dtype=jnp.bfloat16)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    f32 = np.asarray(L.token_logprobs(hs, ws, tok, chunk=3))
+    assert np.abs(f32 - want).max() > 1e-3
+
+
 # ---- argument checks -------------------------------------------------------------------------------------
 
 def test_bad_arguments_raise():
