@@ -75,6 +75,22 @@ def test_bf16_compute_close_to_fp32(cfg_params):
     assert (np.argmax(out, -1) == np.argmax(ref, -1)).mean() > 0.9
 
 
+def test_matmul_weights_cast_once_change_no_bf16_result(cfg_params):
+    """Inference casts the matmul-only weights to a bfloat16 compute dtype once
+    (`matmul_weights_in_compute_dtype`): the logits are bit-for-bit those of casting them in every
+    matmul, the norm weights stay float32, and a float32 model's parameters are left alone."""
+    cfg, params = cfg_params
+    bf = cfg.replace(compute_dtype="bfloat16")
+    cast = M.matmul_weights_in_compute_dtype(bf, params)
+    for path, x in jax.tree_util.tree_leaves_with_path(cast):
+        name = path[-1].key
+        assert (x.dtype == jnp.bfloat16) == (name.endswith("_proj") or name in ("embed", "lm_head")), name
+    ids = jnp.asarray(np.random.RandomState(5).randint(0, cfg.vocab_size, (2, 10)))
+    np.testing.assert_array_equal(np.asarray(M.forward(bf, cast, ids)), np.asarray(M.forward(bf, params, ids)))
+    same = M.matmul_weights_in_compute_dtype(cfg, params)
+    assert all(a is b for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(params)))
+
+
 def test_remat_equals_no_remat(cfg_params):
     cfg, params = cfg_params
     ids = jnp.asarray(np.random.RandomState(4).randint(0, cfg.vocab_size, (2, 10)))

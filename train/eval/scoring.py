@@ -26,7 +26,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from olmo_jax.config import ModelConfig
 from olmo_jax.distributed import to_host
-from olmo_jax.model import attention_mask, gather_positions, head_weight, hidden_states, hidden_states_and_kv
+from olmo_jax.model import (attention_mask, gather_positions, head_weight, hidden_states, hidden_states_and_kv,
+                            matmul_weights_in_compute_dtype)
 from olmo_jax.packing import collate, pack_branches, pick_bucket
 from olmo_jax.sharding import batch_sharding, mesh_of
 from olmo_jax.tasks.tokenize import tokenize_pairs, tokenizer_pad_id
@@ -44,6 +45,11 @@ TGT_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 # 0.84x at 16 rows, 0.93x at 4 (2-core Xeon, docs/EVAL.md "Speed"). Accelerators want large matmuls.
 TOKENS_PER_BATCH = {"cpu": 2048}
 DEFAULT_TOKENS_PER_BATCH = 8192
+# Targets per LM-head chunk on CPU: a chunk's float32 logits (128 x 49152 for SmolLM2: 25 MB) stay in
+# cache between the dot and the softmax. A bfloat16 head cost 151-161 us a target at 64-128 targets a
+# chunk, 214 at 256 and 266-300 at 1024-2048 (2-core Xeon, docs/EVAL.md "Speed"). Elsewhere the
+# chunk is 32 target positions of every row.
+HEAD_TARGETS_PER_CHUNK = {"cpu": 128}
 MIN_SHARED_PREFIX = 16  # tokens: below this a prefix cache saves less than its extra program costs
 
 
@@ -67,7 +73,10 @@ def _target_scores(cfg, params, h, batch):
     # weight is cast once here, not in every chunk
     operands = None if cfg.compute_dtype == "float32" else cfg.jnp_compute_dtype
     w_DxV = head_weight(cfg, params) if operands is None else head_weight(cfg, params).astype(operands)
-    lp, greedy = token_logprobs(gather_positions(h, batch["tgt_pos"]), w_DxV, batch["tgt_tok"],
+    per_chunk = HEAD_TARGETS_PER_CHUNK.get(jax.default_backend())
+    rows = batch["tgt_tok"].shape[0]
+    chunk = 32 if per_chunk is None else max(1, per_chunk // rows)  # target positions of every row
+    lp, greedy = token_logprobs(gather_positions(h, batch["tgt_pos"]), w_DxV, batch["tgt_tok"], chunk=chunk,
                                 with_greedy=True, operand_dtype=operands)
     return lp * batch["tgt_weight"], greedy
 
@@ -134,6 +143,7 @@ def score_items(cfg: ModelConfig, params, tokenizer, items: Sequence[Item], *, b
     Parameters on one device: batches go to that device. Parameters on a mesh (the pipeline, also
     multi-host): each batch is split over the mesh's data-parallel axes like a training batch
     (rows per batch a multiple of their size), so every process must call this with the same items."""
+    params = matmul_weights_in_compute_dtype(cfg, params)
     toks = tokenize_pairs(tokenizer, [(it.context, it.continuations) for it in items])
     p = shared_prefix_length([c for c, _ in toks]) if share_prefix and not with_context and len(toks) > 1 else 0
     mesh = mesh_of(params)
@@ -149,6 +159,7 @@ def score_items(cfg: ModelConfig, params, tokenizer, items: Sequence[Item], *, b
     out = _empty_scores(len(items), max(len(it.continuations) for it in items))
     bar = _bar(progress, len(items))
     tokens_per_batch = TOKENS_PER_BATCH.get(jax.default_backend(), DEFAULT_TOKENS_PER_BATCH)
+    pending = None  # the batch in flight: its results are read after the next one is dispatched
     for idx, rows_per_batch in batches_by_length([len(r["tokens"]) for r in rows], batch_size, multiple,
                                                  tokens_per_batch):
         batch = collate([rows[i] for i in idx], seq_buckets=SEQ_BUCKETS, tgt_buckets=TGT_BUCKETS,
@@ -156,15 +167,24 @@ def score_items(cfg: ModelConfig, params, tokenizer, items: Sequence[Item], *, b
         on_device = {k: jnp.asarray(v) if mesh is None else jax.device_put(v, batch_sharding(mesh, v.ndim))
                      for k, v in batch.items()}
         if prefix_kv is None:
-            lp, hit = score_batch(cfg)(params, on_device)
+            scored = score_batch(cfg)(params, on_device)
         else:
-            lp, hit = score_batch_after_prefix(cfg)(params, prefix_kv, on_device)
-        _gather_rows(out, idx, batch, to_host(lp).astype(np.float64), to_host(hit))
-        if bar is not None:
-            bar.update(len(idx))
+            scored = score_batch_after_prefix(cfg)(params, prefix_kv, on_device)
+        if pending is not None:
+            _collect(out, *pending, bar)
+        pending = (idx, batch, scored)
+    if pending is not None:
+        _collect(out, *pending, bar)
     if bar is not None:
         bar.close()
     return out
+
+
+def _collect(out: Scores, idx, batch, scored, bar) -> None:
+    lp, hit = to_host(scored)
+    _gather_rows(out, idx, batch, lp.astype(np.float64), hit)
+    if bar is not None:
+        bar.update(len(idx))
 
 
 def batches_by_length(lengths: Sequence[int], max_rows: int, multiple: int = 1,
