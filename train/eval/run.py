@@ -9,6 +9,10 @@ bootstrap CI; LAMBADA gives the LM-health row (`metrics.lm_health`).
 """
 from __future__ import annotations
 
+import contextlib
+import time
+
+import jax
 import numpy as np
 
 from olmo_jax import tasks as tasks_lib
@@ -99,12 +103,35 @@ def evaluate_spec(cfg: ModelConfig, params, tokenizer, spec: str, *, split: str 
         raise OlmoJaxError(f"limit must be >= 1 (or None for every document), got {limit}")
     out = {"spec": spec, "split": split, "limit": limit, "tasks": {}}
     for task in tasks_lib.parse_spec(spec):
+        t0 = time.perf_counter()
         out["tasks"][task.key] = evaluate_task(cfg, params, tokenizer, task, split=split, limit=limit,
                                                batch_size=batch_size, progress=progress)
+        out["tasks"][task.key]["wall_s"] = time.perf_counter() - t0  # compilation included
     choice = {k: correctness(r) for k, r in out["tasks"].items() if r["primary_metric"] != "loss_per_token"}
     if len(choice) > 1:
         out["macro"] = macro_average(choice)
     return out
+
+
+COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                  "/jax/core/compile/backend_compile_duration")
+
+
+@contextlib.contextmanager
+def compile_seconds():
+    """Yields a list that collects JAX's tracing, lowering and XLA compile times of every program
+    built inside the block: the part of an eval's wall time not spent scoring."""
+    seconds: list[float] = []
+
+    def listener(event, duration, **_):
+        if event in COMPILE_EVENTS:
+            seconds.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield seconds
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def check_request(spec: str, limit, split: str):
