@@ -45,10 +45,10 @@ TGT_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 # 0.84x at 16 rows, 0.93x at 4 (2-core Xeon, docs/EVAL.md "Speed"). Accelerators want large matmuls.
 TOKENS_PER_BATCH = {"cpu": 2048}
 DEFAULT_TOKENS_PER_BATCH = 8192
-# Targets per LM-head chunk on CPU: a chunk's float32 logits (128 x 49152 for SmolLM2: 25 MB) stay in
-# cache between the dot and the softmax. A bfloat16 head cost 151-161 us a target at 64-128 targets a
-# chunk, 214 at 256 and 266-300 at 1024-2048 (2-core Xeon, docs/EVAL.md "Speed"). Elsewhere the
-# chunk is 32 target positions of every row.
+# Targets per LM-head chunk on CPU: fewer keep a chunk's float32 logits small (128 x 49152 for SmolLM2:
+# 25 MB), more read the whole head weight fewer times. A bfloat16 head cost 151-161 us a target at
+# 64-128 targets a chunk, 214 at 256, 266-300 at 1024-2048 and 395 at 8 (2-core Xeon, docs/EVAL.md
+# "Speed"). Elsewhere the chunk is 32 target positions of every row.
 HEAD_TARGETS_PER_CHUNK = {"cpu": 128}
 MIN_SHARED_PREFIX = 16  # tokens: below this a prefix cache saves less than its extra program costs
 
