@@ -285,22 +285,6 @@ def head_weight(cfg: ModelConfig, params: Params):
     return params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
 
 
-def matmul_weights_in_compute_dtype(cfg: ModelConfig, params: Params) -> Params:
-    """`params` with the weights that only enter matmuls (projections, embedding, LM head) cast
-    down to a narrower compute dtype once, for inference: every use casts them to it anyway (`_mm`,
-    `_embed`), so the results are the same, without a cast of every weight in every call (in a
-    bfloat16 eval on CPU, 0.8 GB of memory traffic a batch for SmolLM2). Norm weights keep their
-    dtype (OLMo2 multiplies them in float32). Unchanged when the compute dtype is not narrower."""
-    dt = jnp.dtype(cfg.jnp_compute_dtype)
-
-    def cast(path, x):
-        name = getattr(path[-1], "key", None)
-        matmul_only = isinstance(name, str) and (name.endswith("_proj") or name in ("embed", "lm_head"))
-        return x.astype(dt) if matmul_only and x.dtype.itemsize > dt.itemsize else x
-
-    return jax.tree_util.tree_map_with_path(cast, params)
-
-
 def logits_from_hidden(cfg: ModelConfig, params: Params, h_xD):
     """Logits in float32 for hidden states of any leading shape."""
     w = head_weight(cfg, params)

@@ -8,6 +8,7 @@ from jax.sharding import NamedSharding
 from olmo_jax import model as M
 from olmo_jax.config import ModelConfig
 from olmo_jax.sharding import batch_sharding, make_mesh, param_shardings
+from train.eval.scoring import matmul_weights_in_compute_dtype
 
 
 def tiny(arch="olmo2", **kw):
@@ -81,13 +82,13 @@ def test_matmul_weights_cast_once_change_no_bf16_result(cfg_params):
     matmul, the norm weights stay float32, and a float32 model's parameters are left alone."""
     cfg, params = cfg_params
     bf = cfg.replace(compute_dtype="bfloat16")
-    cast = M.matmul_weights_in_compute_dtype(bf, params)
+    cast = matmul_weights_in_compute_dtype(bf, params)
     for path, x in jax.tree_util.tree_leaves_with_path(cast):
         name = path[-1].key
         assert (x.dtype == jnp.bfloat16) == (name.endswith("_proj") or name in ("embed", "lm_head")), name
     ids = jnp.asarray(np.random.RandomState(5).randint(0, cfg.vocab_size, (2, 10)))
     np.testing.assert_array_equal(np.asarray(M.forward(bf, cast, ids)), np.asarray(M.forward(bf, params, ids)))
-    same = M.matmul_weights_in_compute_dtype(cfg, params)
+    same = matmul_weights_in_compute_dtype(cfg, params)
     assert all(a is b for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(params)))
 
 
