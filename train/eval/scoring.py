@@ -84,8 +84,9 @@ def matmul_weights_in_compute_dtype(cfg: ModelConfig, params):
 
 
 def _target_scores(cfg, params, h, batch):
-    # a 16-bit compute dtype runs the head's dot in it too (float32 accumulation and softmax); the
-    # weight is cast once here, not in every chunk
+    # a 16-bit compute dtype runs the head's dot in it too (float32 accumulation and softmax). Under
+    # score_items the weight is already cast (matmul_weights_in_compute_dtype) and this is a no-op;
+    # a direct caller of the programs (train.aot's eval program) gets it cast once, not in every chunk
     operands = None if cfg.compute_dtype == "float32" else cfg.jnp_compute_dtype
     w_DxV = head_weight(cfg, params) if operands is None else head_weight(cfg, params).astype(operands)
     per_chunk = HEAD_TARGETS_PER_CHUNK.get(jax.default_backend())
