@@ -83,31 +83,30 @@ def matmul_weights_in_compute_dtype(cfg: ModelConfig, params):
     return jax.tree_util.tree_map_with_path(cast, params)
 
 
-def _target_scores(cfg, params, h, batch):
+def _target_scores(cfg, head_targets, params, h, batch):
     # a 16-bit compute dtype runs the head's dot in it too (float32 accumulation and softmax). Under
     # score_items the weight is already cast (matmul_weights_in_compute_dtype) and this is a no-op;
     # a direct caller of the programs (train.aot's eval program) gets it cast once, not in every chunk
     operands = None if cfg.compute_dtype == "float32" else cfg.jnp_compute_dtype
     w_DxV = head_weight(cfg, params) if operands is None else head_weight(cfg, params).astype(operands)
-    per_chunk = HEAD_TARGETS_PER_CHUNK.get(jax.default_backend())
     rows = batch["tgt_tok"].shape[0]
-    chunk = 32 if per_chunk is None else max(1, per_chunk // rows)  # target positions of every row
+    chunk = 32 if head_targets is None else max(1, head_targets // rows)  # target positions of every row
     lp, greedy = token_logprobs(gather_positions(h, batch["tgt_pos"]), w_DxV, batch["tgt_tok"], chunk=chunk,
                                 with_greedy=True, operand_dtype=operands)
     return lp * batch["tgt_weight"], greedy
 
 
-def _score(cfg: ModelConfig, params, batch):
+def _score(cfg: ModelConfig, head_targets, params, batch):
     h = hidden_states(cfg, params, batch["tokens"], batch["positions"], batch["segment_ids"])
-    return _target_scores(cfg, params, h, batch)
+    return _target_scores(cfg, head_targets, params, h, batch)
 
 
-def _score_after_prefix(cfg: ModelConfig, params, prefix_kv, batch):
+def _score_after_prefix(cfg: ModelConfig, head_targets, params, prefix_kv, batch):
     """Rows continuing a shared prefix: positions start after it, every token sees all of it."""
     k_LxPxKxE, v_LxPxKxE = prefix_kv
     h, _, _ = hidden_states_and_kv(cfg, params, batch["tokens"], batch["positions"],
                                    attention_mask(batch["segment_ids"]), past=(k_LxPxKxE, v_LxPxKxE, None))
-    return _target_scores(cfg, params, h, batch)
+    return _target_scores(cfg, head_targets, params, h, batch)
 
 
 def _prefix_kv(cfg: ModelConfig, params, tokens_1xP):
@@ -119,15 +118,16 @@ def _prefix_kv(cfg: ModelConfig, params, tokens_1xP):
 
 
 @functools.lru_cache(maxsize=None)
-def score_batch(cfg: ModelConfig):
-    """The jitted (params, batch) -> (per-target log-probs [B, S] (0 at padding), argmax hits [B, S])."""
-    return jax.jit(functools.partial(_score, cfg))
+def score_batch(cfg: ModelConfig, head_targets: int | None = None):
+    """The jitted (params, batch) -> (per-target log-probs [B, S] (0 at padding), argmax hits [B, S]).
+    head_targets: LM-head targets a chunk (`HEAD_TARGETS_PER_CHUNK`); None: 32 positions of every row."""
+    return jax.jit(functools.partial(_score, cfg, head_targets))
 
 
 @functools.lru_cache(maxsize=None)
-def score_batch_after_prefix(cfg: ModelConfig):
+def score_batch_after_prefix(cfg: ModelConfig, head_targets: int | None = None):
     """The jitted (params, prefix_kv, batch) -> the same, for rows that continue a shared prefix."""
-    return jax.jit(functools.partial(_score_after_prefix, cfg))
+    return jax.jit(functools.partial(_score_after_prefix, cfg, head_targets))
 
 
 @functools.lru_cache(maxsize=None)
@@ -174,7 +174,10 @@ def score_items(cfg: ModelConfig, params, tokenizer, items: Sequence[Item], *, b
         r["positions"] += p
     out = _empty_scores(len(items), max(len(it.continuations) for it in items))
     bar = _bar(progress, len(items))
+    # decided where the batches run, not inside the programs: train.aot traces them on the CPU
+    # backend for TPU chips
     tokens_per_batch = TOKENS_PER_BATCH.get(jax.default_backend(), DEFAULT_TOKENS_PER_BATCH)
+    head_targets = HEAD_TARGETS_PER_CHUNK.get(jax.default_backend())
     pending = None  # the batch in flight: its results are read after the next one is dispatched
     for idx, rows_per_batch in batches_by_length([len(r["tokens"]) for r in rows], batch_size, multiple,
                                                  tokens_per_batch):
@@ -183,9 +186,9 @@ def score_items(cfg: ModelConfig, params, tokenizer, items: Sequence[Item], *, b
         on_device = {k: jnp.asarray(v) if mesh is None else jax.device_put(v, batch_sharding(mesh, v.ndim))
                      for k, v in batch.items()}
         if prefix_kv is None:
-            scored = score_batch(cfg)(params, on_device)
+            scored = score_batch(cfg, head_targets)(params, on_device)
         else:
-            scored = score_batch_after_prefix(cfg)(params, prefix_kv, on_device)
+            scored = score_batch_after_prefix(cfg, head_targets)(params, prefix_kv, on_device)
         if pending is not None:
             _collect(out, *pending, bar)
         pending = (idx, batch, scored)
