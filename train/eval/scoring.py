@@ -9,7 +9,8 @@ Three kinds of work are never done twice:
     attend to, `olmo_jax.model.attention`). The prefix is cut from the TOKENISED contexts (their
     longest common token prefix, less one token), never from the text: the text prefix "...\\n\\n"
     is not a token prefix of the full context, so every row sees exactly its own context's tokens.
-  - The LM head runs only at target positions, chunked, its softmax in float32.
+  - The LM head runs only at the real targets: a batch's targets, from all its rows, go through
+    it in fixed-size calls (`HEAD_TARGETS_PER_CALL`), its softmax in float32.
 Rows are sorted by length and padded into a few length buckets, so XLA compiles a handful of
 programs. Scores equal full-context scoring within float rounding (tests/test_eval_prefix.py).
 """
@@ -28,7 +29,7 @@ from olmo_jax.config import ModelConfig
 from olmo_jax.distributed import to_host
 from olmo_jax.model import (attention_mask, gather_positions, head_weight, hidden_states, hidden_states_and_kv,
                             is_norm_path)
-from olmo_jax.packing import collate, pack_branches, pick_bucket
+from olmo_jax.packing import SEQ_KEYS, collate, pack_branches, pick_bucket
 from olmo_jax.sharding import batch_sharding, mesh_of
 from olmo_jax.tasks.tokenize import tokenize_pairs, tokenizer_pad_id
 from train.losses import token_logprobs
@@ -37,7 +38,6 @@ from train.losses import token_logprobs
 # question packs into 29 tokens on average and its unconditional row into 10; a BoolQ row after the
 # shared prefix into ~150): a few more compiles (~1-3 s each) for far less padding.
 SEQ_BUCKETS = (16, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 256, 320, 384, 512, 640, 768, 1024, 1280, 1536, 2048)
-TGT_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 # Rows per batch: as many as fit this many token slots (a power of two, at most the caller's
 # batch_size): long rows come in small batches, short rows in large ones, at a few shapes. CPUs take
 # 2048: a batch's activations then stay in cache. A HellaSwag-shaped batch (160 tokens a row after
@@ -45,11 +45,15 @@ TGT_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 # 0.84x at 16 rows, 0.93x at 4 (2-core Xeon, docs/EVAL.md "Speed"). Accelerators want large matmuls.
 TOKENS_PER_BATCH = {"cpu": 2048}
 DEFAULT_TOKENS_PER_BATCH = 8192
-# Targets per LM-head chunk on CPU: fewer keep a chunk's float32 logits small (128 x 49152 for SmolLM2:
-# 25 MB), more read the whole head weight fewer times. A bfloat16 head cost 151-161 us a target at
-# 64-128 targets a chunk, 214 at 256, 266-300 at 1024-2048 and 395 at 8 (2-core Xeon, docs/EVAL.md
-# "Speed"). Elsewhere the chunk is 32 target positions of every row.
-HEAD_TARGETS_PER_CHUNK = {"cpu": 128}
+# Targets per LM-head call: a batch's targets, from all its rows, go through the head in calls of
+# this many (one dot each; only a batch's last call is padded), so the head's work follows the real
+# targets, not rows x the longest row's targets in a power-of-two bucket (1.76x the real ones over
+# the OLMES suite), and one head program serves every batch shape of a task. On CPU fewer keep a
+# call's float32 logits small (128 x 49152 for SmolLM2: 25 MB), more read the whole head weight
+# fewer times: a bfloat16 head cost 151-161 us a target at 64-128 targets a dot, 214 at 256,
+# 266-300 at 1024-2048 and 395 at 8 (2-core Xeon, docs/EVAL.md "Speed").
+HEAD_TARGETS_PER_CALL = {"cpu": 128}
+DEFAULT_HEAD_TARGETS_PER_CALL = 1024
 MIN_SHARED_PREFIX = 16  # tokens: below this a prefix cache saves less than its extra program costs
 
 
@@ -83,30 +87,50 @@ def matmul_weights_in_compute_dtype(cfg: ModelConfig, params):
     return jax.tree_util.tree_map_with_path(cast, params)
 
 
-def _target_scores(cfg, head_targets, params, h, batch):
-    # a 16-bit compute dtype runs the head's dot in it too (float32 accumulation and softmax). Under
-    # score_items the weight is already cast (matmul_weights_in_compute_dtype) and this is a no-op;
-    # a direct caller of the programs (train.aot's eval program) gets it cast once, not in every chunk
+def _head_operands(cfg: ModelConfig, params):
+    """(the [D, V] head weight, the dtype of the head's dot operands: None for float32). A 16-bit
+    compute dtype runs the head's dot in it too (float32 accumulation and softmax). Under
+    score_items the weight is already cast (matmul_weights_in_compute_dtype) and the cast is a
+    no-op; a direct caller of score_batch (train.aot's eval program) gets it cast once, not in every
+    chunk."""
     operands = None if cfg.compute_dtype == "float32" else cfg.jnp_compute_dtype
-    w_DxV = head_weight(cfg, params) if operands is None else head_weight(cfg, params).astype(operands)
-    rows = batch["tgt_tok"].shape[0]
-    chunk = 32 if head_targets is None else max(1, head_targets // rows)  # target positions of every row
-    lp, greedy = token_logprobs(gather_positions(h, batch["tgt_pos"]), w_DxV, batch["tgt_tok"], chunk=chunk,
+    w_DxV = head_weight(cfg, params)
+    return (w_DxV if operands is None else w_DxV.astype(operands)), operands
+
+
+def _target_scores(cfg, params, h, batch):
+    """Log-probs and argmax hits [B, S] at the batch's [B, S] targets, 32 positions of every row a
+    chunk (the one-program form train.aot compiles)."""
+    w_DxV, operands = _head_operands(cfg, params)
+    lp, greedy = token_logprobs(gather_positions(h, batch["tgt_pos"]), w_DxV, batch["tgt_tok"], chunk=32,
                                 with_greedy=True, operand_dtype=operands)
     return lp * batch["tgt_weight"], greedy
 
 
-def _score(cfg: ModelConfig, head_targets, params, batch):
-    h = hidden_states(cfg, params, batch["tokens"], batch["positions"], batch["segment_ids"])
-    return _target_scores(cfg, head_targets, params, h, batch)
+def _score(cfg: ModelConfig, params, batch):
+    return _target_scores(cfg, params, _hidden(cfg, params, batch), batch)
 
 
-def _score_after_prefix(cfg: ModelConfig, head_targets, params, prefix_kv, batch):
+def _hidden(cfg: ModelConfig, params, batch):
+    return hidden_states(cfg, params, batch["tokens"], batch["positions"], batch["segment_ids"])
+
+
+def _hidden_after_prefix(cfg: ModelConfig, params, prefix_kv, batch):
     """Rows continuing a shared prefix: positions start after it, every token sees all of it."""
     k_LxPxKxE, v_LxPxKxE = prefix_kv
     h, _, _ = hidden_states_and_kv(cfg, params, batch["tokens"], batch["positions"],
                                    attention_mask(batch["segment_ids"]), past=(k_LxPxKxE, v_LxPxKxE, None))
-    return _target_scores(cfg, head_targets, params, h, batch)
+    return h
+
+
+def _head_scores(cfg: ModelConfig, params, h_BxTxD, pos_N, tok_N):
+    """Log-probs [N] and argmax hits [N] of tokens `tok_N` at flat positions `pos_N` of h (row-major
+    over [B, T]), in one dot."""
+    h_NxD = jnp.take(h_BxTxD.reshape(-1, h_BxTxD.shape[-1]), pos_N, axis=0)
+    w_DxV, operands = _head_operands(cfg, params)
+    lp, greedy = token_logprobs(h_NxD[None], w_DxV, tok_N[None], chunk=None, with_greedy=True,
+                                operand_dtype=operands)
+    return lp[0], greedy[0]
 
 
 def _prefix_kv(cfg: ModelConfig, params, tokens_1xP):
@@ -118,16 +142,23 @@ def _prefix_kv(cfg: ModelConfig, params, tokens_1xP):
 
 
 @functools.lru_cache(maxsize=None)
-def score_batch(cfg: ModelConfig, head_targets: int | None = None):
-    """The jitted (params, batch) -> (per-target log-probs [B, S] (0 at padding), argmax hits [B, S]).
-    head_targets: LM-head targets a chunk (`HEAD_TARGETS_PER_CHUNK`); None: 32 positions of every row."""
-    return jax.jit(functools.partial(_score, cfg, head_targets))
+def score_batch(cfg: ModelConfig):
+    """The jitted (params, batch) -> (per-target log-probs [B, S] (0 at padding), argmax hits [B, S]):
+    layers and head in one program, the form train.aot compiles for accelerators (score_items runs
+    the same layers and head as two programs, `hidden_program` and `head_program`)."""
+    return jax.jit(functools.partial(_score, cfg))
 
 
 @functools.lru_cache(maxsize=None)
-def score_batch_after_prefix(cfg: ModelConfig, head_targets: int | None = None):
-    """The jitted (params, prefix_kv, batch) -> the same, for rows that continue a shared prefix."""
-    return jax.jit(functools.partial(_score_after_prefix, cfg, head_targets))
+def hidden_program(cfg: ModelConfig, after_prefix: bool):
+    """The jitted (params, [prefix_kv,] batch) -> final hidden states [B, T, D] (compute dtype)."""
+    return jax.jit(functools.partial(_hidden_after_prefix if after_prefix else _hidden, cfg))
+
+
+@functools.lru_cache(maxsize=None)
+def head_program(cfg: ModelConfig):
+    """The jitted (params, h [B, T, D], pos [N], tok [N]) -> (log-probs [N], argmax hits [N])."""
+    return jax.jit(functools.partial(_head_scores, cfg))
 
 
 @functools.lru_cache(maxsize=None)
@@ -177,21 +208,14 @@ def score_items(cfg: ModelConfig, params, tokenizer, items: Sequence[Item], *, b
     # decided where the batches run, not inside the programs: train.aot traces them on the CPU
     # backend for TPU chips
     tokens_per_batch = TOKENS_PER_BATCH.get(jax.default_backend(), DEFAULT_TOKENS_PER_BATCH)
-    head_targets = HEAD_TARGETS_PER_CHUNK.get(jax.default_backend())
     pending = None  # the batch in flight: its results are read after the next one is dispatched
     for idx, rows_per_batch in batches_by_length([len(r["tokens"]) for r in rows], batch_size, multiple,
                                                  tokens_per_batch):
-        batch = collate([rows[i] for i in idx], seq_buckets=SEQ_BUCKETS, tgt_buckets=TGT_BUCKETS,
-                        pad_id=tokenizer_pad_id(tokenizer), batch_size=rows_per_batch)
-        on_device = {k: jnp.asarray(v) if mesh is None else jax.device_put(v, batch_sharding(mesh, v.ndim))
-                     for k, v in batch.items()}
-        if prefix_kv is None:
-            scored = score_batch(cfg, head_targets)(params, on_device)
-        else:
-            scored = score_batch_after_prefix(cfg, head_targets)(params, prefix_kv, on_device)
+        batch_rows = [rows[i] for i in idx]
+        scored = _dispatch(cfg, params, prefix_kv, batch_rows, rows_per_batch, tokenizer_pad_id(tokenizer), mesh)
         if pending is not None:
             _collect(out, *pending, bar)
-        pending = (idx, batch, scored)
+        pending = (idx, batch_rows, scored)
     if pending is not None:
         _collect(out, *pending, bar)
     if bar is not None:
@@ -199,9 +223,38 @@ def score_items(cfg: ModelConfig, params, tokenizer, items: Sequence[Item], *, b
     return out
 
 
-def _collect(out: Scores, idx, batch, scored, bar) -> None:
-    lp, hit = to_host(scored)
-    _gather_rows(out, idx, batch, lp.astype(np.float64), hit)
+def _dispatch(cfg, params, prefix_kv, batch_rows, rows_per_batch: int, pad_id: int, mesh) -> list:
+    """Starts one batch: its layers (after the shared prefix, if any), then the head over its flat
+    targets in calls of `HEAD_TARGETS_PER_CALL`; returns the calls' (log-probs, hits), on device."""
+    batch = collate(batch_rows, seq_buckets=SEQ_BUCKETS, tgt_buckets=(max(len(r["tgt_pos"]) for r in batch_rows),),
+                    pad_id=pad_id, batch_size=rows_per_batch)
+    if mesh is None:
+        on_device, replicated = {k: jnp.asarray(batch[k]) for k in SEQ_KEYS}, jnp.asarray
+    else:
+        on_device = {k: jax.device_put(batch[k], batch_sharding(mesh, 2)) for k in SEQ_KEYS}
+        replicated = lambda x: jax.device_put(x, NamedSharding(mesh, P()))  # noqa: E731
+    if prefix_kv is None:
+        h = hidden_program(cfg, False)(params, on_device)
+    else:
+        h = hidden_program(cfg, True)(params, prefix_kv, on_device)
+    per_call = HEAD_TARGETS_PER_CALL.get(jax.default_backend(), DEFAULT_HEAD_TARGETS_PER_CALL)
+    pos, tok = _flat_targets(batch_rows, batch["tokens"].shape[1], per_call)
+    return [head_program(cfg)(params, h, replicated(pos[i:i + per_call]), replicated(tok[i:i + per_call]))
+            for i in range(0, len(pos), per_call)]
+
+
+def _flat_targets(batch_rows, t: int, per_call: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every target of the batch's rows, in row order, as (flat position into [B, T], token),
+    padded (position 0, token 0) to a multiple of `per_call`."""
+    pos = np.concatenate([j * t + r["tgt_pos"] for j, r in enumerate(batch_rows)]).astype(np.int32)
+    tok = np.concatenate([r["tgt_tok"] for r in batch_rows]).astype(np.int32)
+    pad = -len(pos) % per_call
+    return np.pad(pos, (0, pad)), np.pad(tok, (0, pad))
+
+
+def _collect(out: Scores, idx, batch_rows, scored, bar) -> None:
+    lp, hit = (np.concatenate(x) for x in zip(*to_host(scored)))
+    _gather_rows(out, idx, batch_rows, lp.astype(np.float64), hit)
     if bar is not None:
         bar.update(len(idx))
 
@@ -209,20 +262,27 @@ def _collect(out: Scores, idx, batch, scored, bar) -> None:
 def batches_by_length(lengths: Sequence[int], max_rows: int, multiple: int = 1,
                       tokens_per_batch: int = DEFAULT_TOKENS_PER_BATCH) -> list[tuple[list[int], int]]:
     """[(row indices, rows per batch)]: rows sorted by length, grouped by sequence bucket, each
-    group cut into batches of as many rows as `tokens_per_batch` slots hold (a power of two, at most
-    max_rows; a group's last batch the smallest power of two that holds it), rounded up to a
-    multiple of `multiple` (the mesh's data-parallel size). The same on every process."""
+    group cut into full batches of as many rows as `tokens_per_batch` slots hold (a power of two, at
+    most max_rows), rounded up to a multiple of `multiple` (the mesh's data-parallel size). The rows
+    left over in a bucket join the next one (padded longer) instead of making a short batch of
+    their own: each batch shape is a program to compile (~1 s), and over the OLMES suite this
+    makes 92 programs instead of 149 and slightly fewer token slots (929,472 vs 932,512; a short
+    batch's rows were rounded up to a power of two). Only the longest bucket's leftover makes a
+    short batch, the smallest power of two that holds it. The same on every process."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     groups: dict[int, list[int]] = {}
     for i in order:
         groups.setdefault(pick_bucket(lengths[i], SEQ_BUCKETS, "eval row length"), []).append(i)
-    out = []
-    for t, idx in groups.items():
+    out, carried = [], []
+    for t in sorted(groups):
+        idx = carried + groups[t]
         per = _power_of_two_at_most(min(max_rows, tokens_per_batch // t))
-        for i in range(0, len(idx), per):
-            part = idx[i:i + per]  # a short last batch gets the smallest power of two that holds it
-            rows = min(per, 1 << (len(part) - 1).bit_length())
-            out.append((part, -(-rows // multiple) * multiple))
+        full = len(idx) - len(idx) % per
+        out += [(idx[i:i + per], -(-per // multiple) * multiple) for i in range(0, full, per)]
+        carried = idx[full:]
+    if carried:
+        rows = min(per, 1 << (len(carried) - 1).bit_length())
+        out.append((carried, -(-rows // multiple) * multiple))
     return out
 
 
@@ -235,17 +295,21 @@ def _empty_scores(n: int, c: int) -> Scores:
                   np.zeros(n, np.int64))
 
 
-def _gather_rows(out: Scores, idx, batch, lp, hit) -> None:
-    """Per-continuation sums of one scored batch into `out` (rows of `idx`)."""
-    for r, i in enumerate(idx):
-        group, real = batch["tgt_group"][r], batch["tgt_weight"][r] > 0
+def _gather_rows(out: Scores, idx, batch_rows, lp, hit) -> None:
+    """Per-continuation sums of one scored batch into `out` (items `idx`): lp and hit hold the rows'
+    targets one after another (`_flat_targets`), then padding."""
+    start = 0
+    for i, row in zip(idx, batch_rows):
+        group = row["tgt_group"]
+        lp_i, hit_i = lp[start:start + len(group)], hit[start:start + len(group)]
+        start += len(group)
         for c in range(group.max() + 1):
             sel = group == c
-            out.loglik[i, c] = lp[r][sel].sum()
+            out.loglik[i, c] = lp_i[sel].sum()
             out.num_tokens[i, c] = int(sel.sum())
-            out.greedy[i, c] = bool(hit[r][sel].all())
-        ctx = real & (group < 0)
-        out.context_loglik[i] = lp[r][ctx].sum()
+            out.greedy[i, c] = bool(hit_i[sel].all())
+        ctx = group < 0  # a row's own targets are all real (tgt_weight 1)
+        out.context_loglik[i] = lp_i[ctx].sum()
         out.context_tokens[i] = int(ctx.sum())
 
 
