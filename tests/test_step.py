@@ -69,7 +69,11 @@ def test_sharded_step_equals_single_device(loss, mesh_shape):
     ref_state, ref_loss = run(cfg, params, b, loss=loss, teacher=teacher, steps=2)
     state, got_loss = run(cfg, params, b, loss=loss, teacher=teacher, steps=2, mesh=make_mesh(*mesh_shape))
     np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-5)
-    assert_trees_close(state["params"], ref_state["params"], 1e-5)
+    # Sharded, the gradients are summed in another order. Adam divides each update by the
+    # gradient's own scale, so in a coordinate whose gradient nearly cancels, that rounding moves
+    # the update by a fraction of lr (1e-2) itself: 1.05e-5 in 1 of 4096 KL parameters on a Zen 3
+    # CPU (AVX2), past a 1e-5 tolerance. 5e-5 stays 200x below lr.
+    assert_trees_close(state["params"], ref_state["params"], 5e-5)
 
 
 def test_accumulation_equals_big_batch_and_remat_equals_no_remat():
