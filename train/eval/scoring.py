@@ -48,10 +48,11 @@ DEFAULT_TOKENS_PER_BATCH = 8192
 # Targets per LM-head call: a batch's targets, from all its rows, go through the head in calls of
 # this many (one dot each; only a batch's last call is padded), so the head's work follows the real
 # targets, not rows x the longest row's targets in a power-of-two bucket (1.76x the real ones over
-# the OLMES suite), and one head program serves every batch shape of a task. On CPU fewer keep a
-# call's float32 logits small (128 x 49152 for SmolLM2: 25 MB), more read the whole head weight
-# fewer times: a bfloat16 head cost 151-161 us a target at 64-128 targets a dot, 214 at 256,
-# 266-300 at 1024-2048 and 395 at 8 (2-core Xeon, docs/EVAL.md "Speed").
+# the OLMES suite), and target counts make no programs of their own (the head's program depends
+# on the batch's [B, T] only). On CPU fewer keep a call's float32 logits small (128 x 49152 for
+# SmolLM2: 25 MB), more read the whole head weight fewer times: a bfloat16 head cost 151-161 us a
+# target at 64-128 targets a dot, 214 at 256, 266-300 at 1024-2048 and 395 at 8 (2-core Xeon,
+# docs/EVAL.md "Speed").
 HEAD_TARGETS_PER_CALL = {"cpu": 128}
 DEFAULT_HEAD_TARGETS_PER_CALL = 1024
 MIN_SHARED_PREFIX = 16  # tokens: below this a prefix cache saves less than its extra program costs
@@ -226,6 +227,7 @@ def score_items(cfg: ModelConfig, params, tokenizer, items: Sequence[Item], *, b
 def _dispatch(cfg, params, prefix_kv, batch_rows, rows_per_batch: int, pad_id: int, mesh) -> list:
     """Starts one batch: its layers (after the shared prefix, if any), then the head over its flat
     targets in calls of `HEAD_TARGETS_PER_CALL`; returns the calls' (log-probs, hits), on device."""
+    # only the sequence keys go to the layers: the targets go to the head flat (`_flat_targets`)
     batch = collate(batch_rows, seq_buckets=SEQ_BUCKETS, tgt_buckets=(max(len(r["tgt_pos"]) for r in batch_rows),),
                     pad_id=pad_id, batch_size=rows_per_batch)
     if mesh is None:
@@ -266,8 +268,8 @@ def batches_by_length(lengths: Sequence[int], max_rows: int, multiple: int = 1,
     most max_rows), rounded up to a multiple of `multiple` (the mesh's data-parallel size). The rows
     left over in a bucket join the next one (padded longer) instead of making a short batch of
     their own: each batch shape is a program to compile (~1 s), and over the OLMES suite this
-    makes 92 programs instead of 149 and slightly fewer token slots (929,472 vs 932,512; a short
-    batch's rows were rounded up to a power of two). Only the longest bucket's leftover makes a
+    makes 100 layer programs instead of 149 and slightly fewer token slots (926,400 vs 932,512; a
+    short batch's rows were rounded up to a power of two). Only the longest bucket's leftover makes a
     short batch, the smallest power of two that holds it. The same on every process."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     groups: dict[int, list[int]] = {}
