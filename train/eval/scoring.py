@@ -127,9 +127,9 @@ def _hidden_after_prefix(cfg: ModelConfig, params, prefix_kv, batch):
 def _head_scores(cfg: ModelConfig, params, h_BxTxD, pos_N, tok_N):
     """Log-probs [N] and argmax hits [N] of tokens `tok_N` at flat positions `pos_N` of h (row-major
     over [B, T]), in one dot."""
-    h_NxD = jnp.take(h_BxTxD.reshape(-1, h_BxTxD.shape[-1]), pos_N, axis=0)
+    h_1xNxD = gather_positions(h_BxTxD.reshape(1, -1, h_BxTxD.shape[-1]), pos_N[None])
     w_DxV, operands = _head_operands(cfg, params)
-    lp, greedy = token_logprobs(h_NxD[None], w_DxV, tok_N[None], chunk=None, with_greedy=True,
+    lp, greedy = token_logprobs(h_1xNxD, w_DxV, tok_N[None], chunk=None, with_greedy=True,
                                 operand_dtype=operands)
     return lp[0], greedy[0]
 
@@ -209,11 +209,13 @@ def score_items(cfg: ModelConfig, params, tokenizer, items: Sequence[Item], *, b
     # decided where the batches run, not inside the programs: train.aot traces them on the CPU
     # backend for TPU chips
     tokens_per_batch = TOKENS_PER_BATCH.get(jax.default_backend(), DEFAULT_TOKENS_PER_BATCH)
+    per_call = HEAD_TARGETS_PER_CALL.get(jax.default_backend(), DEFAULT_HEAD_TARGETS_PER_CALL)
+    pad_id = tokenizer_pad_id(tokenizer)
     pending = None  # the batch in flight: its results are read after the next one is dispatched
     for idx, rows_per_batch in batches_by_length([len(r["tokens"]) for r in rows], batch_size, multiple,
                                                  tokens_per_batch):
         batch_rows = [rows[i] for i in idx]
-        scored = _dispatch(cfg, params, prefix_kv, batch_rows, rows_per_batch, tokenizer_pad_id(tokenizer), mesh)
+        scored = _dispatch(cfg, params, prefix_kv, batch_rows, rows_per_batch, pad_id, mesh, per_call)
         if pending is not None:
             _collect(out, *pending, bar)
         pending = (idx, batch_rows, scored)
@@ -224,9 +226,9 @@ def score_items(cfg: ModelConfig, params, tokenizer, items: Sequence[Item], *, b
     return out
 
 
-def _dispatch(cfg, params, prefix_kv, batch_rows, rows_per_batch: int, pad_id: int, mesh) -> list:
+def _dispatch(cfg, params, prefix_kv, batch_rows, rows_per_batch: int, pad_id: int, mesh, per_call: int) -> list:
     """Starts one batch: its layers (after the shared prefix, if any), then the head over its flat
-    targets in calls of `HEAD_TARGETS_PER_CALL`; returns the calls' (log-probs, hits), on device."""
+    targets in calls of `per_call`; returns the calls' (log-probs, hits), on device."""
     # only the sequence keys go to the layers: the targets go to the head flat (`_flat_targets`)
     batch = collate(batch_rows, seq_buckets=SEQ_BUCKETS, tgt_buckets=(max(len(r["tgt_pos"]) for r in batch_rows),),
                     pad_id=pad_id, batch_size=rows_per_batch)
@@ -239,7 +241,6 @@ def _dispatch(cfg, params, prefix_kv, batch_rows, rows_per_batch: int, pad_id: i
         h = hidden_program(cfg, False)(params, on_device)
     else:
         h = hidden_program(cfg, True)(params, prefix_kv, on_device)
-    per_call = HEAD_TARGETS_PER_CALL.get(jax.default_backend(), DEFAULT_HEAD_TARGETS_PER_CALL)
     pos, tok = _flat_targets(batch_rows, batch["tokens"].shape[1], per_call)
     return [head_program(cfg)(params, h, replicated(pos[i:i + per_call]), replicated(tok[i:i + per_call]))
             for i in range(0, len(pos), per_call)]
