@@ -123,7 +123,11 @@ class ModelConfig:
         LM head; not the embedding lookup, not the norms)."""
         d, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         per_layer = d * q + 2 * d * kv + q * d + 3 * d * self.intermediate_size
-        return self.num_layers * per_layer + d * self.vocab_size
+        return self.num_layers * per_layer + self.head_matmul_params()
+
+    def head_matmul_params(self) -> int:
+        """The LM head's share of N: D x V (its FLOPs a target are 2 x this)."""
+        return self.hidden_size * self.vocab_size
 
     def flops_per_token(self, seq_len: int, kind: str = "train") -> float:
         """The one FLOP formula (matmuls only, multiply-add = 2 FLOPs), per token of a length-`seq_len`

@@ -32,11 +32,17 @@ def test_olmo2_1b_shapes_fit_a_v5p_8_and_the_report_says_so(tmp_path):
     assert (rep["topology"], rep["compiled_for"], rep["chips"], rep["devices"]) == ("v5p-8", "v5p:2x2x1", 4, 4)
     assert rep["hbm_bytes_per_chip"] == hardware.CHIPS["v5p"].hbm_bytes
     progs = {p["name"]: p for p in rep["programs"]}
-    assert set(progs) == {"ce_step", "kl_step", "eval_scoring", "activation_scores", "compaction"}
+    assert set(progs) == {"ce_step", "kl_step", "eval_layers", "eval_head", "activation_scores", "compaction"}
     for p in progs.values():
         b = p["per_device_bytes"]
         assert p["compiled"] and p["fits"] and 0 < b["total"] < rep["hbm_bytes_per_chip"]
-        assert b["total"] == b["arguments"] + b["outputs"] - b["aliased"] + b["temporaries"] + b["code"]
+        assert b["total"] == b["arguments"] + b["outputs"] - b["aliased"] + b["temporaries"] + b["code"] + b["resident"]
+    # evaluation runs on a bfloat16 copy of the float32 weights: the program takes the copy (all of it,
+    # the head's program too), the masters stay resident beside it, twice the copy's bytes
+    evals = [progs["eval_layers"]["per_device_bytes"], progs["eval_head"]["per_device_bytes"]]
+    assert evals[0]["resident"] == evals[1]["resident"] > 0
+    assert all(e["arguments"] > e["resident"] / 2 for e in evals)
+    assert all(p["per_device_bytes"]["resident"] == 0 for n, p in progs.items() if not n.startswith("eval_"))
     # the CE step's plain rows take the splash kernel on TPU; the KL step's branch-packed rows do not
     assert progs["ce_step"]["attention"] == "splash" and progs["kl_step"]["attention"] == "xla"
     # sharded FSDP over 4 chips: the KL step's arguments (student state + teacher) are ~1/4 of the whole
@@ -73,6 +79,13 @@ def test_bad_topology_is_one_error_line():
     assert r.stderr.strip().splitlines()[-1].startswith("error: unknown v5p slice 'v5p-63'; sizes: v5p-8,")
     with pytest.raises(OlmoJaxError, match="unknown hardware 'a100'"):
         hardware.parse("a100")
+
+
+def test_unknown_program_is_one_error_line():
+    r = _aot("--config=configs/olmo2.py:1b,h200", "--programs=eval_layers,eval", timeout=300)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: unknown program eval; choose from ce_step, kl_step, eval_layers, eval_head, activation_scores, compaction")
 
 
 def test_missing_libtpu_says_how_to_install(monkeypatch, tmp_path):

@@ -2,6 +2,7 @@
 
     python -m train.aot --config=configs/olmo2.py:7b,v5p-64 --out=aot.json
     python -m train.aot --config=configs/olmo2.py:1b --topology=v5p-8 --layers=2   # a small check
+    python -m train.aot --config=configs/olmo2.py:7b,v5p-64 --programs=eval_layers,eval_head
 
 The topology comes from the config's hardware suffix (`config.hardware`) or --topology. TPU slices
 are compiled by the real XLA:TPU compiler for abstract chips on this CPU host (libtpu, no TPU);
@@ -18,6 +19,7 @@ flags.DEFINE_string("topology", "", "Hardware to compile for (v5p-64, v6e-256, h
 flags.DEFINE_integer("layers", 0, "Override the model's layer count (a quick check of a deep model's shapes).")
 flags.DEFINE_float("headroom", 0.10, "Required free fraction of a chip's HBM.")
 flags.DEFINE_string("out", "", "Write the report JSON here.")
+flags.DEFINE_list("programs", [], "Compile only these programs (e.g. eval_layers,eval_head); default: all.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -32,7 +34,8 @@ def main(argv):
         if hw.chip.platform == "tpu":
             hardware.prepare_tpu_compiler()  # before JAX starts
         from train.aot.report import aot_report, fits_all, table
-        report = aot_report(settings, hw, layers=flags.FLAGS.layers or None, headroom=flags.FLAGS.headroom)
+        report = aot_report(settings, hw, layers=flags.FLAGS.layers or None, headroom=flags.FLAGS.headroom,
+                            only=tuple(flags.FLAGS.programs))
     print(table(report), flush=True)
     if flags.FLAGS.out:
         from olmo_jax.fsutil import atomic_write_json

@@ -4,18 +4,23 @@ largest shapes its data can produce, compiled ahead of time, and measured.
 Programs (the functions the pipeline itself jits, with the same shardings):
   ce_step            the CE train step of the largest student (the smallest pruning ratio)
   kl_step            the KL step: that student + the dense teacher (in `model.teacher_dtype`) inside
-  eval_scoring       one evaluation batch of the dense model
+  eval_layers        one evaluation batch of the dense model through its layers (the hidden states)
+  eval_head          the LM head over one call's worth of that batch's targets
   activation_scores  one calibration batch of the activation criterion (dense model)
   compaction         dense parameters -> the compacted student's, on the mesh
 
 Shapes: a training batch is [grad_accum, batch_size / grad_accum, T] with T = max(data.seq_buckets)
 and S = max(data.tgt_buckets): the Batcher refuses any row longer than the largest bucket, so no
-step can be larger. Evaluation scores the same branch-packed rows as the KL step (rc formats), at
-eval.batch_size rounded up to the data-parallel size.
+step can be larger. Evaluation's two programs are those `train.eval.scoring.score_items` runs, at
+its batch shape for rows of length T (as many rows as its token slots hold, at most
+eval.batch_size, rounded up to the data-parallel size), with the weights in the compute dtype as it
+casts them. Not compiled: the prefix-cached layers of a 5-shot suite (eval.suite), whose shapes
+follow the tokenised few-shot prefixes.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -28,11 +33,11 @@ from olmo_jax.tasks.csqa import CALIBRATION_BATCH
 from olmo_jax.model import param_shapes
 from olmo_jax.packing import ROW_KEYS, SEQ_KEYS
 from olmo_jax.model import resolve_attention_impl
-from olmo_jax.sharding import BATCH, check_batch_divisible, make_mesh, param_shardings
+from olmo_jax.sharding import BATCH, check_batch_divisible, make_mesh, param_shardings, replicated
 from prune.compact import compaction_program
 from prune.importance import activation_stats_program
 from train.data import rows_are_branched
-from train.eval.scoring import score_batch
+from train.eval import scoring
 from train.objective import Objective
 from train.settings import Method, Settings, parse_method
 from train.step import abstract_state, build_optimizer, jit_train_step, make_train_step
@@ -46,6 +51,7 @@ class Program:
     model_flops: float        # the FLOP formula (ModelConfig.flops_per_token) for one call, all devices
     note: str = ""
     attention: str = "xla"
+    resident_bytes: int = 0   # per device: arrays the caller holds beside the program's own arguments
 
 
 def abstract_params(cfg: ModelConfig, mesh, dtype=None):
@@ -118,10 +124,7 @@ def study_programs(s: Settings, dense: ModelConfig, mesh) -> list[Program]:
     methods = [m for m in s.pipeline.methods if not m.needs_cache] or [parse_method("ce", s.distill, {})]
     out = [_train_program(s, m, student, teacher, mesh, seq_len, targets, platform) for m in methods]
 
-    eval_b = -(-s.eval.batch_size // dp) * dp
-    out.append(Program("eval_scoring", score_batch(dense), (abstract_params(dense, mesh),
-                       abstract_batch(eval_b, seq_len, targets, mesh)),
-                       dense.flops_per_token(seq_len, "forward") * eval_b * seq_len))
+    out += _eval_programs(s, dense, mesh, seq_len, dp)
 
     calib_b = -(-CALIBRATION_BATCH // dp) * dp
     out.append(Program("activation_scores", activation_stats_program(dense),
@@ -133,6 +136,34 @@ def study_programs(s: Settings, dense: ModelConfig, mesh) -> list[Program]:
     idx = jax.ShapeDtypeStruct((dense.num_layers, k), jnp.int32, sharding=NamedSharding(mesh, P()))
     out.append(Program("compaction", compaction_program(student, mesh), (abstract_params(dense, mesh), idx), 0.0))
     return out
+
+
+def _eval_programs(s: Settings, dense: ModelConfig, mesh, seq_len: int, dp: int) -> list[Program]:
+    """Evaluation's layers and LM head programs, as score_items runs them on accelerators."""
+    rows = -(-scoring.rows_per_batch(seq_len, s.eval.batch_size) // dp) * dp
+    abstract = abstract_params(dense, mesh)
+    cast = jax.eval_shape(lambda p: scoring.matmul_weights_in_compute_dtype(dense, p), abstract)
+    params = jax.tree.map(lambda a, c: jax.ShapeDtypeStruct(a.shape, c.dtype, sharding=a.sharding), abstract, cast)
+    batch = {k: v for k, v in abstract_batch(rows, seq_len, 1, mesh).items() if k in SEQ_KEYS}
+    layers = scoring.hidden_program(dense, after_prefix=False)
+    h = jax.eval_shape(layers, params, batch)
+    h = jax.ShapeDtypeStruct(h.shape, h.dtype, sharding=NamedSharding(mesh, P(BATCH, None, None)))
+    per_call = scoring.DEFAULT_HEAD_TARGETS_PER_CALL
+    targets = jax.ShapeDtypeStruct((per_call,), jnp.int32, sharding=replicated(mesh))
+    head_flops = 2.0 * dense.head_matmul_params()
+    # the master weights that were cast stay on the devices while evaluation runs on their copies
+    masters = sum(_bytes_per_device(a) for a, c in zip(jax.tree.leaves(abstract), jax.tree.leaves(cast))
+                  if a.dtype != c.dtype)
+    return [Program("eval_layers", layers, (params, batch),
+                    (dense.flops_per_token(seq_len, "forward") - head_flops) * rows * seq_len,
+                    note=f"{rows} rows x {seq_len} tokens", resident_bytes=masters),
+            Program("eval_head", scoring.head_program(dense), (params, h, targets, targets), head_flops * per_call,
+                    note=f"{per_call} targets of that batch, replicated: every device runs the whole call",
+                    resident_bytes=masters)]
+
+
+def _bytes_per_device(a: jax.ShapeDtypeStruct) -> int:
+    return math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
 
 
 def compile_program(prog: Program) -> dict[str, Any]:
@@ -150,10 +181,10 @@ def compile_program(prog: Program) -> dict[str, Any]:
     per_device = {
         "arguments": int(mem.argument_size_in_bytes), "outputs": int(mem.output_size_in_bytes),
         "aliased": int(mem.alias_size_in_bytes), "temporaries": int(mem.temp_size_in_bytes),
-        "code": int(mem.generated_code_size_in_bytes),
+        "code": int(mem.generated_code_size_in_bytes), "resident": prog.resident_bytes,
     }
     per_device["total"] = (per_device["arguments"] + per_device["outputs"] - per_device["aliased"]
-                           + per_device["temporaries"] + per_device["code"])
+                           + per_device["temporaries"] + per_device["code"] + per_device["resident"])
     # cost_analysis counts each loop body once (not x its trip count): a lower figure than the step's
     return {"compiled": True, "per_device_bytes": per_device, "compiler_flops_loop_bodies_once": float(cost.get("flops", 0.0))}
 

@@ -25,12 +25,18 @@ def model_config(s: Settings, layers: int | None = None) -> ModelConfig:
     return cfg.replace(num_layers=layers) if layers else cfg
 
 
-def aot_report(s: Settings, hw: Hardware, *, layers: int | None = None, headroom: float = 0.10) -> dict[str, Any]:
+def aot_report(s: Settings, hw: Hardware, *, layers: int | None = None, headroom: float = 0.10,
+               only: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Compiles the study's programs (`only`: those named) for `hw`; per program its memory and fit."""
     dense = model_config(s, layers)
     mesh = programs.mesh_for(s, hardware.devices(hw))
     budget = hw.chip.hbm_bytes
+    study = programs.study_programs(s, dense, mesh)
+    unknown = sorted(set(only) - {p.name for p in study})
+    if unknown:
+        raise OlmoJaxError(f"unknown program {', '.join(unknown)}; choose from {', '.join(p.name for p in study)}")
     rows = []
-    for prog in programs.study_programs(s, dense, mesh):
+    for prog in (p for p in study if not only or p.name in only):
         got = programs.compile_program(prog)
         # XLA's cost analysis counts a loop body once (the layer scan, the micro-batch scan), so the
         # FLOPs per step come from the model's formula; the compiler's figure is kept beside it.
@@ -62,14 +68,14 @@ def table(report: dict) -> str:
     lines = [f"{report['topology']} ({report['compiled_for']}): {report['devices']} devices, mesh {report['mesh']}, "
              f"{report['hbm_bytes_per_chip'] / GIB:.2f} GiB HBM per chip; {m['arch']} {m['layers']} layers, "
              f"{m['params'] / 1e9:.2f} B params ({m['param_dtype']}, compute {m['compute_dtype']})",
-             "| program | attention | args GiB | out GiB | temp GiB | total GiB | headroom | fits | TFLOP/device | step >= ms |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| program | attention | args GiB | out GiB | temp GiB | resident GiB | total GiB | headroom | fits | TFLOP/device | step >= ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in report["programs"]:
         if not p["compiled"]:
-            lines.append(f"| {p['name']} | {p['attention']} | | | | | | NO | | | {p['error'][:160]}")
+            lines.append(f"| {p['name']} | {p['attention']} | | | | | | | NO | | | {p['error'][:160]}")
             continue
         b = {k: v / GIB for k, v in p["per_device_bytes"].items()}
         lines.append(f"| {p['name']} | {p['attention']} | {b['arguments']:.2f} | {b['outputs']:.2f} | {b['temporaries']:.2f} | "
-                     f"{b['total']:.2f} | {100 * p['headroom']:.0f}% | {'yes' if p['fits'] else 'NO'} | "
+                     f"{b['resident']:.2f} | {b['total']:.2f} | {100 * p['headroom']:.0f}% | {'yes' if p['fits'] else 'NO'} | "
                      f"{p['flops'] / 1e12:.2f} | {1e3 * p['step_time_lower_bound_s']:.1f} |")
     return "\n".join(lines)

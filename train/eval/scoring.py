@@ -92,24 +92,10 @@ def _head_operands(cfg: ModelConfig, params):
     """(the [D, V] head weight, the dtype of the head's dot operands: None for float32). A 16-bit
     compute dtype runs the head's dot in it too (float32 accumulation and softmax). Under
     score_items the weight is already cast (matmul_weights_in_compute_dtype) and the cast is a
-    no-op; a direct caller of score_batch (train.aot's eval program) gets it cast once, not in every
-    chunk."""
+    no-op."""
     operands = None if cfg.compute_dtype == "float32" else cfg.jnp_compute_dtype
     w_DxV = head_weight(cfg, params)
     return (w_DxV if operands is None else w_DxV.astype(operands)), operands
-
-
-def _target_scores(cfg, params, h, batch):
-    """Log-probs and argmax hits [B, S] at the batch's [B, S] targets, 32 positions of every row a
-    chunk (the one-program form train.aot compiles)."""
-    w_DxV, operands = _head_operands(cfg, params)
-    lp, greedy = token_logprobs(gather_positions(h, batch["tgt_pos"]), w_DxV, batch["tgt_tok"], chunk=32,
-                                with_greedy=True, operand_dtype=operands)
-    return lp * batch["tgt_weight"], greedy
-
-
-def _score(cfg: ModelConfig, params, batch):
-    return _target_scores(cfg, params, _hidden(cfg, params, batch), batch)
 
 
 def _hidden(cfg: ModelConfig, params, batch):
@@ -142,24 +128,18 @@ def _prefix_kv(cfg: ModelConfig, params, tokens_1xP):
     return k, v
 
 
-@functools.lru_cache(maxsize=None)
-def score_batch(cfg: ModelConfig):
-    """The jitted (params, batch) -> (per-target log-probs [B, S] (0 at padding), argmax hits [B, S]):
-    layers and head in one program, the form train.aot compiles for accelerators (score_items runs
-    the same layers and head as two programs, `hidden_program` and `head_program`)."""
-    return jax.jit(functools.partial(_score, cfg))
-
-
+# keep_unused: each program reads part of the parameters (the layers, or the head), but all of them are
+# on the devices while it runs; kept as arguments, they are in what train.aot's compiled memory counts.
 @functools.lru_cache(maxsize=None)
 def hidden_program(cfg: ModelConfig, after_prefix: bool):
     """The jitted (params, [prefix_kv,] batch) -> final hidden states [B, T, D] (compute dtype)."""
-    return jax.jit(functools.partial(_hidden_after_prefix if after_prefix else _hidden, cfg))
+    return jax.jit(functools.partial(_hidden_after_prefix if after_prefix else _hidden, cfg), keep_unused=True)
 
 
 @functools.lru_cache(maxsize=None)
 def head_program(cfg: ModelConfig):
     """The jitted (params, h [B, T, D], pos [N], tok [N]) -> (log-probs [N], argmax hits [N])."""
-    return jax.jit(functools.partial(_head_scores, cfg))
+    return jax.jit(functools.partial(_head_scores, cfg), keep_unused=True)
 
 
 @functools.lru_cache(maxsize=None)
@@ -279,7 +259,7 @@ def batches_by_length(lengths: Sequence[int], max_rows: int, multiple: int = 1,
     out, carried = [], []
     for t in sorted(groups):
         idx = carried + groups[t]
-        per = _power_of_two_at_most(min(max_rows, tokens_per_batch // t))
+        per = rows_per_batch(t, max_rows, tokens_per_batch)
         full = len(idx) - len(idx) % per
         out += [(idx[i:i + per], -(-per // multiple) * multiple) for i in range(0, full, per)]
         carried = idx[full:]
@@ -289,7 +269,10 @@ def batches_by_length(lengths: Sequence[int], max_rows: int, multiple: int = 1,
     return out
 
 
-def _power_of_two_at_most(n: int) -> int:
+def rows_per_batch(t: int, max_rows: int, tokens_per_batch: int = DEFAULT_TOKENS_PER_BATCH) -> int:
+    """Rows of length bucket `t` in a full batch: as many as `tokens_per_batch` slots hold, a power
+    of two, at most max_rows (at least 1), before rounding up to the mesh's data-parallel size."""
+    n = min(max_rows, tokens_per_batch // t)
     return 1 << max(0, n.bit_length() - 1)
 
 
