@@ -145,7 +145,11 @@ def _eval_programs(s: Settings, dense: ModelConfig, mesh, seq_len: int, dp: int)
     cast = jax.eval_shape(lambda p: scoring.matmul_weights_in_compute_dtype(dense, p), abstract)
     params = jax.tree.map(lambda a, c: jax.ShapeDtypeStruct(a.shape, c.dtype, sharding=a.sharding), abstract, cast)
     batch = {k: v for k, v in abstract_batch(rows, seq_len, 1, mesh).items() if k in SEQ_KEYS}
-    layers = scoring.hidden_program(dense, after_prefix=False)
+    # keep_unused: each program reads part of the parameters (the layers, or the head), and jit drops
+    # the rest from its arguments, but all of them are on the devices while it runs: kept, they are
+    # in the compiled memory (the programs are otherwise those score_items jits)
+    layers = jax.jit(scoring.hidden_fn(dense, after_prefix=False), keep_unused=True)
+    head = jax.jit(scoring.head_fn(dense), keep_unused=True)
     h = jax.eval_shape(layers, params, batch)
     h = jax.ShapeDtypeStruct(h.shape, h.dtype, sharding=NamedSharding(mesh, P(BATCH, None, None)))
     per_call = scoring.DEFAULT_HEAD_TARGETS_PER_CALL
@@ -157,7 +161,7 @@ def _eval_programs(s: Settings, dense: ModelConfig, mesh, seq_len: int, dp: int)
     return [Program("eval_layers", layers, (params, batch),
                     (dense.flops_per_token(seq_len, "forward") - head_flops) * rows * seq_len,
                     note=f"{rows} rows x {seq_len} tokens", resident_bytes=masters),
-            Program("eval_head", scoring.head_program(dense), (params, h, targets, targets), head_flops * per_call,
+            Program("eval_head", head, (params, h, targets, targets), head_flops * per_call,
                     note=f"{per_call} targets of that batch, replicated: every device runs the whole call",
                     resident_bytes=masters)]
 

@@ -128,18 +128,24 @@ def _prefix_kv(cfg: ModelConfig, params, tokens_1xP):
     return k, v
 
 
-# keep_unused: each program reads part of the parameters (the layers, or the head), but all of them are
-# on the devices while it runs; kept as arguments, they are in what train.aot's compiled memory counts.
+def hidden_fn(cfg: ModelConfig, after_prefix: bool):
+    """(params, [prefix_kv,] batch) -> final hidden states [B, T, D] (compute dtype)."""
+    return functools.partial(_hidden_after_prefix if after_prefix else _hidden, cfg)
+
+
+def head_fn(cfg: ModelConfig):
+    """(params, h [B, T, D], pos [N], tok [N]) -> (log-probs [N], argmax hits [N])."""
+    return functools.partial(_head_scores, cfg)
+
+
 @functools.lru_cache(maxsize=None)
 def hidden_program(cfg: ModelConfig, after_prefix: bool):
-    """The jitted (params, [prefix_kv,] batch) -> final hidden states [B, T, D] (compute dtype)."""
-    return jax.jit(functools.partial(_hidden_after_prefix if after_prefix else _hidden, cfg), keep_unused=True)
+    return jax.jit(hidden_fn(cfg, after_prefix))
 
 
 @functools.lru_cache(maxsize=None)
 def head_program(cfg: ModelConfig):
-    """The jitted (params, h [B, T, D], pos [N], tok [N]) -> (log-probs [N], argmax hits [N])."""
-    return jax.jit(functools.partial(_head_scores, cfg), keep_unused=True)
+    return jax.jit(head_fn(cfg))
 
 
 @functools.lru_cache(maxsize=None)
