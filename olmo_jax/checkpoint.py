@@ -44,9 +44,9 @@ def save(path: str, cfg: ModelConfig, params: dict[str, Any], *, neuron_mask=Non
     Multi-host: every process calls this together with global arrays (Orbax saves collectively,
     each process its shards); the tokenizer and config files are written by process 0."""
     with fsutil.atomic_dir(path, overwrite=overwrite, collective=distributed.multi_process()) as tmp:
-        ckptr = ocp.StandardCheckpointer()
-        ckptr.save(os.path.abspath(os.path.join(tmp, "params")), params)
-        ckptr.wait_until_finished()
+        with ocp.StandardCheckpointer() as ckptr:  # closed: no Orbax thread outlives the call
+            ckptr.save(os.path.abspath(os.path.join(tmp, "params")), params)
+            ckptr.wait_until_finished()
         if distributed.is_primary():
             if write_extra is not None:  # e.g. tokenizer files
                 write_extra(tmp)
@@ -75,6 +75,9 @@ def restore_params(path: str, cfg: ModelConfig, shardings=None) -> dict[str, Any
             lambda _: default, param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple)),
         is_leaf=lambda x: isinstance(x, tuple))
     try:
-        return ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(path, "params")), target)
+        # closed even when the restore fails: a checkpointer left open raced the interpreter's exit and
+        # printed an "Event loop is closed" traceback after the one error line (seen once in CI)
+        with ocp.StandardCheckpointer() as ckptr:
+            return ckptr.restore(os.path.abspath(os.path.join(path, "params")), target)
     except Exception as e:  # orbax raises many types; surface one line naming the checkpoint
         raise OlmoJaxError(f"cannot restore parameters from {path}: {str(e).splitlines()[0]}") from e
