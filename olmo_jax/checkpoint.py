@@ -75,8 +75,8 @@ def restore_params(path: str, cfg: ModelConfig, shardings=None) -> dict[str, Any
             lambda _: default, param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple)),
         is_leaf=lambda x: isinstance(x, tuple))
     try:
-        # closed even when the restore fails: a checkpointer left open raced the interpreter's exit and
-        # printed an "Event loop is closed" traceback after the one error line (seen once in CI)
+        # closed even when the restore fails. (A failed restore in a CLI still sometimes prints an asyncio
+        # "Event loop is closed" traceback at exit after the one error line; closing did not stop it.)
         with ocp.StandardCheckpointer() as ckptr:
             return ckptr.restore(os.path.abspath(os.path.join(path, "params")), target)
     except Exception as e:  # orbax raises many types; surface one line naming the checkpoint
