@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from olmo_jax import distributed, fsutil
 from olmo_jax.config import ModelConfig, OlmoJaxError
@@ -74,10 +76,60 @@ def restore_params(path: str, cfg: ModelConfig, shardings=None) -> dict[str, Any
         param_shapes(cfg), shardings if shardings is not None else jax.tree.map(
             lambda _: default, param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple)),
         is_leaf=lambda x: isinstance(x, tuple))
+    params_dir = os.path.abspath(os.path.join(path, "params"))
+    drop_late_read_callbacks()
     try:
-        # closed even when the restore fails. (A failed restore in a CLI still sometimes prints an asyncio
-        # "Event loop is closed" traceback at exit after the one error line; closing did not stop it.)
         with ocp.StandardCheckpointer() as ckptr:
-            return ckptr.restore(os.path.abspath(os.path.join(path, "params")), target)
+            _check_stored_shapes(path, ocp.StandardCheckpointHandler().metadata(epath.Path(params_dir)), target)
+            return ckptr.restore(params_dir, target)
+    except OlmoJaxError:
+        raise
     except Exception as e:  # orbax raises many types; surface one line naming the checkpoint
         raise OlmoJaxError(f"cannot restore parameters from {path}: {str(e).splitlines()[0]}") from e
+
+
+def _check_stored_shapes(path: str, stored, target) -> None:
+    """Names the first arrays whose stored shape is not the config's (Orbax names none of them)."""
+    def shapes(tree):
+        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return {jax.tree_util.keystr(k, simple=True, separator="."): tuple(v.shape) for k, v in leaves}
+
+    want, have = shapes(target), shapes(stored.tree)
+    wrong = ([f"{name} is missing from params/" for name in want if name not in have]
+             + [f"{name} is {have[name]} in params/, {want[name]} by the config" for name in want
+                if name in have and have[name] != want[name]]
+             + [f"{name} is in params/ but not in the config" for name in have if name not in want])
+    if wrong:
+        more = f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""
+        raise OlmoJaxError(f"cannot restore parameters from {path}: its weights do not match its {MARKER}: "
+                           + "; ".join(wrong[:3]) + more)
+
+
+def _is_late_read_callback(unraisable) -> bool:
+    """TensorStore's reply to a read that Orbax stopped awaiting: when one read of a restore fails,
+    Orbax closes its event loop while the other reads are in flight, and each of their completions
+    posts to the closed loop from a TensorStore thread, which reports RuntimeError('Event loop is
+    closed') as unraisable (tensorstore python/future.cc, PyErr_WriteUnraisable). Nothing is lost:
+    the restore has already failed with the first error."""
+    tb, frames = unraisable.exc_traceback, []
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    return (unraisable.object is None and unraisable.exc_type is RuntimeError
+            and str(unraisable.exc_value) == "Event loop is closed" and "call_soon_threadsafe" in frames)
+
+
+def drop_late_read_callbacks() -> None:
+    """Installs (once) an unraisable hook that drops exactly those reports, which otherwise print
+    tracebacks at random moments after a failed restore, even inside a CLI's one error line.
+    Called before every Orbax restore (parameters here, train states in train.loop)."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_drops_late_read_callbacks", False):
+        return
+
+    def hook(unraisable):
+        if not _is_late_read_callback(unraisable):
+            previous(unraisable)
+
+    hook._drops_late_read_callbacks = True
+    sys.unraisablehook = hook

@@ -57,6 +57,36 @@ def test_orbax_checkpoint_round_trip(hf_dir, tmp_path):
         olmo_jax.save_checkpoint(model, ck)  # never clobbers a finished checkpoint
 
 
+def test_failed_restore_drops_only_tensorstores_late_callbacks(monkeypatch):
+    """After a failed restore, TensorStore reports reads that finished after Orbax closed its loop
+    as unraisable RuntimeErrors from `call_soon_threadsafe`; exactly those are dropped."""
+    import asyncio
+    import types
+
+    from olmo_jax import checkpoint
+    passed = []
+    monkeypatch.setattr(sys, "unraisablehook", passed.append)
+    checkpoint.drop_late_read_callbacks()
+    checkpoint.drop_late_read_callbacks()  # installed once: a second call does not wrap it again
+
+    def report(raise_it, obj=None):
+        try:
+            raise_it()
+        except Exception as e:
+            unraisable = types.SimpleNamespace(exc_type=type(e), exc_value=e, exc_traceback=e.__traceback__,
+                                               err_msg=None, object=obj)
+        sys.unraisablehook(unraisable)
+        return unraisable
+
+    closed = asyncio.new_event_loop()
+    closed.close()
+    late = report(lambda: closed.call_soon_threadsafe(print))  # TensorStore's late callback: dropped
+    others = [report(lambda: closed.call_soon(print)),  # the same error from elsewhere
+              report(lambda: closed.call_soon_threadsafe(print), obj="a coroutine"),  # reported on an object
+              report(lambda: int("Event loop is closed"))]  # another type
+    assert str(late.exc_value) == "Event loop is closed" and passed == others
+
+
 def test_bf16_params_load_and_export(hf_dir, tmp_path):
     src, _ = hf_dir
     model = olmo_jax.from_pretrained(src, dtype="bfloat16")

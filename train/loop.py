@@ -20,7 +20,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from olmo_jax import distributed
+from olmo_jax import checkpoint, distributed
 from olmo_jax.cli import Interrupted
 from olmo_jax.config import ModelConfig, OlmoJaxError
 from olmo_jax.model import resolve_attention_impl
@@ -80,6 +80,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state) -> tuple[Any, in
     periodic saves up to it and refuse to save that step again (StepAlreadyExistsError)."""
     steps = sorted(mngr.all_steps(), reverse=True)
     bad = []
+    checkpoint.drop_late_read_callbacks()  # a damaged step's failed reads would print tracebacks
     for s in steps:
         try:
             restored = mngr.restore(s, args=ocp.args.StandardRestore(abstract_state))
