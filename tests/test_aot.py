@@ -35,7 +35,7 @@ def test_olmo2_1b_shapes_fit_a_v5p_8_and_the_report_says_so(tmp_path):
     assert set(progs) == {"ce_step", "kl_step", "eval_layers", "eval_head", "activation_scores", "compaction"}
     for p in progs.values():
         b = p["per_device_bytes"]
-        assert p["compiled"] and p["fits"] and 0 < b["total"] < rep["hbm_bytes_per_chip"]
+        assert p["compiled"] and p["fits"] and 0 < b["total"] < rep["hbm_bytes_per_chip"] and p["compile_s"] > 0
         assert b["total"] == b["arguments"] + b["outputs"] - b["aliased"] + b["temporaries"] + b["code"] + b["resident"]
     # evaluation runs on a bfloat16 copy of the float32 weights: the program takes the copy (all of it,
     # the head's program too), the masters stay resident beside it, twice the copy's bytes

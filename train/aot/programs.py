@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from typing import Any
 
 import jax
@@ -172,6 +173,7 @@ def _bytes_per_device(a: jax.ShapeDtypeStruct) -> int:
 
 def compile_program(prog: Program) -> dict[str, Any]:
     """Compiles `prog`; its per-device memory and cost, or the compiler's out-of-memory message."""
+    start = time.perf_counter()
     try:
         compiled = prog.jitted.trace(*prog.args).lower().compile()
     except Exception as e:  # noqa: BLE001 - XLA raises JaxRuntimeError / XlaRuntimeError
@@ -190,7 +192,8 @@ def compile_program(prog: Program) -> dict[str, Any]:
     per_device["total"] = (per_device["arguments"] + per_device["outputs"] - per_device["aliased"]
                            + per_device["temporaries"] + per_device["code"] + per_device["resident"])
     # cost_analysis counts each loop body once (not x its trip count): a lower figure than the step's
-    return {"compiled": True, "per_device_bytes": per_device, "compiler_flops_loop_bodies_once": float(cost.get("flops", 0.0))}
+    return {"compiled": True, "per_device_bytes": per_device, "compiler_flops_loop_bodies_once": float(cost.get("flops", 0.0)),
+            "compile_s": round(time.perf_counter() - start, 1)}  # trace + lower + compile, on this host
 
 
 def mesh_for(s: Settings, devices):
