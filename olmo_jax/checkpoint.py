@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -79,8 +80,8 @@ def restore_params(path: str, cfg: ModelConfig, shardings=None) -> dict[str, Any
     params_dir = os.path.abspath(os.path.join(path, "params"))
     drop_late_read_callbacks()
     try:
-        with ocp.StandardCheckpointer() as ckptr:
-            _check_stored_shapes(path, ocp.StandardCheckpointHandler().metadata(epath.Path(params_dir)), target)
+        with ocp.StandardCheckpointer() as ckptr, contextlib.closing(ocp.StandardCheckpointHandler()) as handler:
+            _check_stored_shapes(path, handler.metadata(epath.Path(params_dir)), target)  # raises on a bad read too
             return ckptr.restore(params_dir, target)
     except OlmoJaxError:
         raise
