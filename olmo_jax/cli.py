@@ -66,11 +66,28 @@ def library_logs_to(path: str) -> None:
 
 
 def _console_warnings_only() -> None:
-    """The console (absl's handler) shows warnings and errors, unless --verbosity / -v was given."""
+    """The console (absl's handler) shows warnings and errors, unless --verbosity / -v was given,
+    and never asyncio's reports of TensorStore operations Orbax abandoned (they stay in the log file)."""
     from absl import flags
     from absl import logging as absl_logging
+    handler = absl_logging.get_absl_handler()
     if not (flags.FLAGS.is_parsed() and flags.FLAGS["verbosity"].present):
-        absl_logging.get_absl_handler().setLevel(logging.WARNING)
+        handler.setLevel(logging.WARNING)
+    if not any(isinstance(f, _AbandonedTensorStoreOperations) for f in handler.filters):
+        handler.addFilter(_AbandonedTensorStoreOperations())
+
+
+class _AbandonedTensorStoreOperations(logging.Filter):
+    """When a train-state restore fails and training falls back to an earlier step (train.loop), the
+    reads Orbax started for the damaged step and stopped awaiting end in asyncio's "Task exception
+    was never retrieved" ERROR, a traceback on the console after our one-line warning. The failure
+    is already reported; the record is kept off the console (the run's log.txt keeps it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "asyncio" or "exception was never retrieved" not in record.getMessage():
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        return "tensorstore_spec" not in str(exc)  # TensorStore's errors name the spec they failed on
 
 
 @contextlib.contextmanager

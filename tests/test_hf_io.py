@@ -87,6 +87,26 @@ def test_failed_restore_drops_only_tensorstores_late_callbacks(monkeypatch):
     assert str(late.exc_value) == "Event loop is closed" and passed == others
 
 
+def test_console_drops_only_asyncios_reports_of_abandoned_tensorstore_operations():
+    """When training falls back from a damaged step, asyncio reports the reads Orbax abandoned as
+    'Task exception was never retrieved'; the console filter drops those and nothing else."""
+    import logging
+
+    from olmo_jax.cli import _AbandonedTensorStoreOperations
+
+    def record(name, msg, exc=None):
+        return logging.LogRecord(name, logging.ERROR, __file__, 1, msg, None,
+                                 (type(exc), exc, None) if exc else None)
+
+    tensorstore = ValueError('OUT_OF_RANGE: Error reading "step/.zarray" [tensorstore_spec=\'{"driver": "zarr"}\']')
+    keep = _AbandonedTensorStoreOperations().filter
+    assert not keep(record("asyncio", "Task exception was never retrieved\nfuture: <Task ...>", tensorstore))
+    assert not keep(record("asyncio", "Future exception was never retrieved\nfuture: <Future ...>", tensorstore))
+    assert keep(record("asyncio", "Task exception was never retrieved", ValueError("another failure")))
+    assert keep(record("asyncio", "Task was destroyed but it is pending!", tensorstore))
+    assert keep(record("train.loop", "exception was never retrieved", tensorstore))
+
+
 def test_bf16_params_load_and_export(hf_dir, tmp_path):
     src, _ = hf_dir
     model = olmo_jax.from_pretrained(src, dtype="bfloat16")

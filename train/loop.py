@@ -85,8 +85,8 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state) -> tuple[Any, in
         try:
             restored = mngr.restore(s, args=ocp.args.StandardRestore(abstract_state))
         except Exception as e:  # orbax raises many types for damaged files
-            log.warning("checkpoint at step %d is unreadable (%s); falling back to an earlier one", s,
-                        str(e).splitlines()[0][:200])
+            log.info("checkpoint at step %d is unreadable (%s); falling back to an earlier one", s,
+                     str(e).splitlines()[0][:200])  # the detail, for log.txt; the console gets the line below
             print(f"warning: checkpoint at step {s} is unreadable; falling back to an earlier one", flush=True)
             bad.append(s)
             continue
