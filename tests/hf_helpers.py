@@ -49,3 +49,26 @@ def tiny_model_dir(path, arch="llama", seed=0):
     torch_model(hf, seed).save_pretrained(str(path))
     olmo_jax.load_tokenizer("smollm2").save_pretrained(str(path))
     return str(path)
+
+
+SMOLLM2_SPECIAL_AND_BYTES = 17 + 256  # SmolLM2's ids: 17 special tokens, the 256 bytes, then its merges
+
+
+def save_small_smollm2_tokenizer(path, vocab: int) -> None:
+    """SmolLM2's tokenizer cut to its first `vocab` ids: the special tokens, the 256 bytes and the
+    merges that build the tokens kept, a valid byte-level BPE. For GGUF tests of layout and values:
+    a file's tokenizer metadata is what gguf's reader parses slowest (~5 s for the full 49152 tokens
+    and 48900 merges, once per read, on the 2-core CI machine)."""
+    import json
+    import os
+
+    import olmo_jax
+    assert vocab > SMOLLM2_SPECIAL_AND_BYTES
+    tok = olmo_jax.load_tokenizer("smollm2")
+    tok.save_pretrained(str(path))
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    kept = {t: i for t, i in spec["model"]["vocab"].items() if i < vocab}
+    spec["model"]["vocab"] = kept
+    spec["model"]["merges"] = [m for m in spec["model"]["merges"] if m[0] in kept and m[1] in kept and m[0] + m[1] in kept]
+    with open(os.path.join(str(path), "tokenizer.json"), "w") as f:
+        json.dump(spec, f, ensure_ascii=False)

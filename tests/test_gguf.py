@@ -16,7 +16,7 @@ from olmo_jax.assets import smollm2_gguf_path
 from olmo_jax.config import OlmoJaxError
 from olmo_jax.generate import greedy
 from olmo_jax.gguf_export import interleave_rope_rows, tensor_specs
-from tests.hf_helpers import tiny_hf_config, torch_model
+from tests.hf_helpers import save_small_smollm2_tokenizer, tiny_hf_config, torch_model
 
 try:
     import xllamacpp  # noqa: F401
@@ -39,10 +39,17 @@ def _smollm2_tokenizer():
     return olmo_jax.load_tokenizer("smollm2")
 
 
-def tiny_dir(path, arch: str, tied: bool, *, intermediate: int = 64, seed: int = 0) -> str:
-    """A tiny random model with the real SmolLM2 tokenizer (vocab 49152), as an HF directory."""
+# The tiny models of the layout, value and llama.cpp-agreement tests take SmolLM2's tokenizer cut to
+# its first 512 ids: gguf's reader parses a file's tokenizer metadata slowest, once per read (~5 s
+# each with all 49152 tokens). Tests of the tokenizer itself use the whole one (`tiny_llama`).
+SMALL_VOCAB = 512
+FULL_VOCAB = 49152
+
+
+def tiny_dir(path, arch: str, tied: bool, *, intermediate: int = 64, seed: int = 0, vocab: int = SMALL_VOCAB) -> str:
+    """A tiny random model with SmolLM2's tokenizer (whole, or its first `vocab` ids), as an HF directory."""
     hf = tiny_hf_config(arch, layers=2, hidden=32, heads=4, kv_heads=2, head_dim=8, intermediate=intermediate,
-                        vocab=49152, tied=tied)
+                        vocab=vocab, tied=tied)
     hf.update(pad_token_id=2, bos_token_id=1, eos_token_id=2)
     tm = torch_model(hf, seed)
     with torch.no_grad():  # sharp attention, so RoPE (and a wrong Q/K row order) changes the logits
@@ -50,7 +57,10 @@ def tiny_dir(path, arch: str, tied: bool, *, intermediate: int = 64, seed: int =
             if name.endswith(("q_proj.weight", "k_proj.weight")):
                 w.mul_(SHARPEN)
     tm.save_pretrained(str(path))
-    _smollm2_tokenizer().save_pretrained(str(path))
+    if vocab == FULL_VOCAB:
+        _smollm2_tokenizer().save_pretrained(str(path))
+    else:
+        save_small_smollm2_tokenizer(path, vocab)
     return str(path)
 
 
@@ -58,15 +68,15 @@ TINY = {"llama-tied": ("llama", True), "llama-untied": ("llama", False), "olmo2"
 _built: dict = {}
 
 
-def _tiny(name, tmp_path_factory):
-    """(our model, its f32 GGUF path, HF tokenizer), built once per module for each TINY name."""
-    if name not in _built:
+def _tiny(name, tmp_path_factory, vocab: int = SMALL_VOCAB):
+    """(our model, its f32 GGUF path, HF tokenizer), built once per module for each TINY name and vocab."""
+    if (name, vocab) not in _built:
         arch, tied = TINY[name]
         d = tmp_path_factory.mktemp(name)
-        model = olmo_jax.from_pretrained(tiny_dir(d / "hf", arch, tied, seed=len(name)))
-        _built[name] = (model, olmo_jax.save_gguf(model, str(d / "f32.gguf"), quant="f32"),
-                        olmo_jax.load_tokenizer(model.source))
-    return _built[name]
+        model = olmo_jax.from_pretrained(tiny_dir(d / "hf", arch, tied, seed=len(name), vocab=vocab))
+        _built[name, vocab] = (model, olmo_jax.save_gguf(model, str(d / "f32.gguf"), quant="f32"),
+                               olmo_jax.load_tokenizer(model.source))
+    return _built[name, vocab]
 
 
 @pytest.fixture(scope="module", params=list(TINY))
@@ -76,8 +86,9 @@ def tiny(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    """For what does not depend on the architecture (tokenizer, files, helpers)."""
-    return _tiny("llama-tied", tmp_path_factory)
+    """For what does not depend on the architecture (tokenizer, files, helpers): the whole SmolLM2
+    tokenizer."""
+    return _tiny("llama-tied", tmp_path_factory, vocab=FULL_VOCAB)
 
 
 def _ids(tok, text):
@@ -448,7 +459,7 @@ def test_llama3_rope_scaling_runs_in_llamacpp(tmp_path):
     ours past original_max_position_embeddings, where the scaling matters (and without the tensor
     they do not)."""
     hf = tiny_hf_config("llama", layers=2, hidden=32, heads=4, kv_heads=2, head_dim=8, intermediate=64,
-                        vocab=49152, tied=True, rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                        vocab=SMALL_VOCAB, tied=True, rope_scaling={"rope_type": "llama3", "factor": 8.0,
                         "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
     hf.update(pad_token_id=2, bos_token_id=1, eos_token_id=2)
     tm = torch_model(hf, 3)
@@ -457,7 +468,7 @@ def test_llama3_rope_scaling_runs_in_llamacpp(tmp_path):
             if name.endswith(("q_proj.weight", "k_proj.weight")):
                 w.mul_(SHARPEN)
     tm.save_pretrained(str(tmp_path / "hf"))
-    _smollm2_tokenizer().save_pretrained(str(tmp_path / "hf"))
+    save_small_smollm2_tokenizer(tmp_path / "hf", SMALL_VOCAB)
     model = olmo_jax.from_pretrained(str(tmp_path / "hf"))
     assert model.config.rope_type == "llama3"
     path = olmo_jax.save_gguf(model, str(tmp_path / "m.gguf"), quant="f32")
