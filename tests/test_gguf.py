@@ -46,10 +46,12 @@ SMALL_VOCAB = 512
 FULL_VOCAB = 49152
 
 
-def tiny_dir(path, arch: str, tied: bool, *, intermediate: int = 64, seed: int = 0, vocab: int = SMALL_VOCAB) -> str:
-    """A tiny random model with SmolLM2's tokenizer (whole, or its first `vocab` ids), as an HF directory."""
+def tiny_dir(path, arch: str, tied: bool, *, intermediate: int = 64, seed: int = 0, vocab: int = SMALL_VOCAB,
+             **extra) -> str:
+    """A tiny random model with SmolLM2's tokenizer (whole, or its first `vocab` ids), as an HF directory;
+    `extra`: more HF config fields (e.g. rope_scaling)."""
     hf = tiny_hf_config(arch, layers=2, hidden=32, heads=4, kv_heads=2, head_dim=8, intermediate=intermediate,
-                        vocab=vocab, tied=tied)
+                        vocab=vocab, tied=tied, **extra)
     hf.update(pad_token_id=2, bos_token_id=1, eos_token_id=2)
     tm = torch_model(hf, seed)
     with torch.no_grad():  # sharp attention, so RoPE (and a wrong Q/K row order) changes the logits
@@ -458,18 +460,9 @@ def test_llama3_rope_scaling_runs_in_llamacpp(tmp_path):
     """Llama 3.x RoPE (rope_type llama3) leaves as llama.cpp's rope_freqs tensor: its log-probs equal
     ours past original_max_position_embeddings, where the scaling matters (and without the tensor
     they do not)."""
-    hf = tiny_hf_config("llama", layers=2, hidden=32, heads=4, kv_heads=2, head_dim=8, intermediate=64,
-                        vocab=SMALL_VOCAB, tied=True, rope_scaling={"rope_type": "llama3", "factor": 8.0,
-                        "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
-    hf.update(pad_token_id=2, bos_token_id=1, eos_token_id=2)
-    tm = torch_model(hf, 3)
-    with torch.no_grad():
-        for name, w in tm.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                w.mul_(SHARPEN)
-    tm.save_pretrained(str(tmp_path / "hf"))
-    save_small_smollm2_tokenizer(tmp_path / "hf", SMALL_VOCAB)
-    model = olmo_jax.from_pretrained(str(tmp_path / "hf"))
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+    model = olmo_jax.from_pretrained(tiny_dir(tmp_path / "hf", "llama", True, seed=3, rope_scaling=scaling))
     assert model.config.rope_type == "llama3"
     path = olmo_jax.save_gguf(model, str(tmp_path / "m.gguf"), quant="f32")
     assert gguf_export.ROPE_FREQS in {t.name for t in gguf.GGUFReader(path).tensors}
