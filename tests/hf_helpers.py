@@ -39,15 +39,20 @@ def torch_logits(tm, ids, attention_mask=None):
     return out.logits.numpy(), [h.numpy() for h in out.hidden_states]
 
 
+# The pipeline tests' tiny model reads real text (CSQA, the suite, LAMBADA) with SmolLM2's tokenizer cut to
+# 2048 ids: its text takes ~1.35x the tokens of the whole tokenizer's, but the model's 49152-wide
+# embedding and LM head were most of a tiny study's work (test_pipeline's study 88 s -> 43 s, 2 cores).
+TINY_VOCAB = 2048
+
+
 def tiny_model_dir(path, arch="llama", seed=0):
-    """A tiny random model that uses the real SmolLM2 tokenizer (vocab 49152), saved as an HF dir
-    with tokenizer files: enough to run the whole pipeline in seconds."""
-    import olmo_jax
+    """A tiny random model with SmolLM2's tokenizer cut to TINY_VOCAB ids, saved as an HF dir with
+    tokenizer files: enough to run the whole pipeline in seconds."""
     hf = tiny_hf_config(arch, layers=2, hidden=32, heads=4, kv_heads=2, head_dim=8, intermediate=64,
-                        vocab=49152, tied=arch == "llama")
+                        vocab=TINY_VOCAB, tied=arch == "llama")
     hf.update(pad_token_id=2, bos_token_id=1, eos_token_id=2)
     torch_model(hf, seed).save_pretrained(str(path))
-    olmo_jax.load_tokenizer("smollm2").save_pretrained(str(path))
+    save_small_smollm2_tokenizer(path, TINY_VOCAB)
     return str(path)
 
 
@@ -56,9 +61,10 @@ SMOLLM2_SPECIAL_AND_BYTES = 17 + 256  # SmolLM2's ids: 17 special tokens, the 25
 
 def save_small_smollm2_tokenizer(path, vocab: int) -> None:
     """SmolLM2's tokenizer cut to its first `vocab` ids: the special tokens, the 256 bytes and the
-    merges that build the tokens kept, a valid byte-level BPE. For GGUF tests of layout and values:
-    a file's tokenizer metadata is what gguf's reader parses slowest (~5 s for the full 49152 tokens
-    and 48900 merges, once per read, on the 2-core CI machine)."""
+    merges that build the tokens kept, a valid byte-level BPE. For tests that need a real tokenizer
+    but not its size (the pipeline's tiny model; GGUF layout and values, where a file's tokenizer
+    metadata is what gguf's reader parses slowest (~5 s for the full 49152 tokens
+    and 48900 merges, once per read, on the 2-core CI machine))."""
     import json
     import os
 
