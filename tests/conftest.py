@@ -38,6 +38,14 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 def pytest_sessionfinish(session, exitstatus):
     if "PYTEST_XDIST_WORKER" in os.environ:
+        # Once a worker reports that it finished, execnet gives it 5 s to exit and then sends it
+        # SIGINT; pytest's exit runs gc.collect() five times, each calling JAX's gc callback, and a
+        # worker that held real models and hundreds of programs took longer: the SIGINT landed in
+        # that callback and printed a KeyboardInterrupt traceback after every full run. Collect
+        # here, before the report, and freeze what survives, so those collections are instant.
+        import gc
+        gc.collect()
+        gc.freeze()
         return
     import shutil
     if _OWN_CACHE:
