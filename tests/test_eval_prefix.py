@@ -30,18 +30,18 @@ def test_batches_hold_as_many_rows_as_the_token_slots_allow():
     """Rows in a 160-token bucket: 2048 slots give batches of 8 (a power of two <= 12), 8192 of
     32. The 5 short rows, too few for a batch of their bucket, join the long rows' first batch
     instead of making a program of their own; every row lands in exactly one batch; only the
-    longest bucket's leftover is a short batch, the smallest power of two that holds it; the
-    data-parallel multiple rounds rows up."""
+    longest bucket's leftover is a short batch of exactly its rows; the data-parallel multiple
+    rounds rows up."""
     lengths = [150] * 40 + [20] * 5
-    for slots, per, rows in ((2048, 8, [8] * 6), (8192, 32, [32, 16])):
+    for slots, per, rows in ((2048, 8, [8] * 5 + [5]), (8192, 32, [32, 13])):
         got = batches_by_length(lengths, 64, tokens_per_batch=slots)
         assert [r for _, r in got] == rows and max(len(i) for i, _ in got) == per
         assert got[0][0][:5] == [40, 41, 42, 43, 44]  # the short rows, carried into the long bucket
         assert sorted(i for idx, _ in got for i in idx) == list(range(45))
         assert all(len(idx) == r for idx, r in got[:-1])  # only the last batch is short
-    assert batches_by_length([20] * 5, 64, tokens_per_batch=2048) == [([0, 1, 2, 3, 4], 8)]
-    assert all(r % 4 == 0 for _, r in batches_by_length(lengths, 64, 4, tokens_per_batch=2048))
-    assert batches_by_length([20] * 3, 64, 8, tokens_per_batch=2048) == [([0, 1, 2], 8)]  # 4 rows, rounded up
+    assert batches_by_length([20] * 5, 64, tokens_per_batch=2048) == [([0, 1, 2, 3, 4], 5)]
+    assert [r for _, r in batches_by_length(lengths, 64, 4, tokens_per_batch=2048)] == [8] * 5 + [8]
+    assert batches_by_length([20] * 3, 64, 8, tokens_per_batch=2048) == [([0, 1, 2], 8)]  # 3 rows, rounded up to 8
 
 
 def test_the_head_takes_each_real_target_once():

@@ -257,7 +257,9 @@ def batches_by_length(lengths: Sequence[int], max_rows: int, multiple: int = 1,
     their own: each batch shape is a program to compile (~1 s), and over the OLMES suite this
     makes 100 layer programs instead of 149 and slightly fewer token slots (926,400 vs 932,512; a
     short batch's rows were rounded up to a power of two). Only the longest bucket's leftover makes a
-    short batch, the smallest power of two that holds it. The same on every process."""
+    short batch, of exactly its rows: rounding it up to a power of two would let leftovers of other
+    tasks share its program, but in small runs (the demo's 10 documents a task: every task is one
+    leftover) the padding rows cost more than the programs (docs/EVAL.md). The same on every process."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     groups: dict[int, list[int]] = {}
     for i in order:
@@ -270,8 +272,7 @@ def batches_by_length(lengths: Sequence[int], max_rows: int, multiple: int = 1,
         out += [(idx[i:i + per], -(-per // multiple) * multiple) for i in range(0, full, per)]
         carried = idx[full:]
     if carried:
-        rows = min(per, 1 << (len(carried) - 1).bit_length())
-        out.append((carried, -(-rows // multiple) * multiple))
+        out.append((carried, -(-len(carried) // multiple) * multiple))
     return out
 
 
