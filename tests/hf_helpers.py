@@ -62,9 +62,9 @@ SMOLLM2_SPECIAL_AND_BYTES = 17 + 256  # SmolLM2's ids: 17 special tokens, the 25
 def save_small_smollm2_tokenizer(path, vocab: int) -> None:
     """SmolLM2's tokenizer cut to its first `vocab` ids: the special tokens, the 256 bytes and the
     merges that build the tokens kept, a valid byte-level BPE. For tests that need a real tokenizer
-    but not its size (the pipeline's tiny model; GGUF layout and values, where a file's tokenizer
-    metadata is what gguf's reader parses slowest (~5 s for the full 49152 tokens
-    and 48900 merges, once per read, on the 2-core CI machine))."""
+    but not its size: the pipeline's tiny model, and the GGUF layout and value tests (gguf's reader
+    parses a file's tokenizer metadata slowest: ~5 s for the full 49152 tokens and 48900 merges,
+    once per read, on the 2-core CI machine)."""
     import json
     import os
 

@@ -255,7 +255,7 @@ def batches_by_length(lengths: Sequence[int], max_rows: int, multiple: int = 1,
     most max_rows), rounded up to a multiple of `multiple` (the mesh's data-parallel size). The rows
     left over in a bucket join the next one (padded longer) instead of making a short batch of
     their own: each batch shape is a program to compile (~1 s), and over the OLMES suite this
-    makes 100 layer programs instead of 149 and slightly fewer token slots (926,400 vs 932,512; a
+    makes 103 layer programs instead of 149 and slightly fewer token slots (923,960 vs 932,512; a
     short batch's rows were rounded up to a power of two). Only the longest bucket's leftover makes a
     short batch, of exactly its rows: rounding it up to a power of two would let leftovers of other
     tasks share its program, but in small runs (the demo's 10 documents a task: every task is one
