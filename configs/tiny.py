@@ -1,4 +1,5 @@
-"""A tiny random Llama with the SmolLM2 tokenizer: the pipeline end to end in seconds (tests/CI).
+"""A tiny random Llama with SmolLM2's tokenizer (cut to 2048 ids by the tests): the pipeline end to
+end in seconds (tests/CI).
 
     python -m train.pipeline --config=configs/tiny.py --workdir=/tmp/tiny \
         --config.model.src=DIR   # DIR: made by tests (tiny HF dir with tokenizer files)
