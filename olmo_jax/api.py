@@ -1,6 +1,8 @@
 """The public surface: `from_pretrained`, `save_pretrained`, `load_tokenizer`."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 from typing import Any
@@ -28,16 +30,40 @@ def _kind(path: str) -> str:
 
 
 def load_config(path: str) -> ModelConfig:
-    path = resolve(path)
+    return _load_config(resolve(path), cache=True)
+
+
+def _load_config(path: str, cache: bool) -> ModelConfig:
     kind = _kind(path)
     if kind == "ours":
         return checkpoint.read_config(path)[0]
     if kind == "hf":
         return ModelConfig.from_hf(path)
-    return ModelConfig.from_hf(_gguf_hf_config(path))
+    return ModelConfig.from_hf(_gguf_hf_config(path, cache))
 
 
-def _gguf_hf_config(path: str) -> dict:
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """Within it, transformers parses a GGUF file once, not twice, and builds gguf's tensor-name
+    table once, not once per module of the model. Reading a file means its config (one parse of
+    the whole file, metadata included), then its tensors (a second parse, and a name table for
+    each of SmolLM2's 397 modules, ~20 ms each). For SmolLM2 on 2 cores, a read takes 7-9 s with
+    this memo and 17-25 s without (q8_0 and the packaged Q4_1, alternating in one process). Both
+    are pure functions of their arguments (a file not written meanwhile; an architecture and a
+    layer count), and transformers imports both from `gguf` when it calls them, so memoising gguf's
+    two names here changes the time only; were transformers to import them otherwise, this would
+    change nothing at all (tests/test_gguf.py counts the calls)."""
+    import gguf
+    saved = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = functools.lru_cache(maxsize=None)(saved[0])
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(saved[1])
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = saved
+
+
+def _gguf_hf_config(path: str, cache: bool) -> dict:
     def read():
         import transformers
         d, fn = os.path.split(os.path.abspath(path))
@@ -47,14 +73,14 @@ def _gguf_hf_config(path: str) -> dict:
         with open(os.path.join(directory, "config.json"), "w") as f:
             json.dump(read(), f)
 
-    cached = gguf_cache.entry(path, "config", build)
+    cached = gguf_cache.entry(path, "config", build) if cache else None
     if cached is None:
         return read()
     with open(os.path.join(cached, "config.json")) as f:
         return json.load(f)
 
 
-def _gguf_source(path: str, hf_config: dict) -> hf_io.TensorSource:
+def _gguf_source(path: str, hf_config: dict, cache: bool) -> hf_io.TensorSource:
     """The GGUF's tensors under HF names: from the conversion cache, converted on first use."""
     def build(directory):
         from safetensors.numpy import save_file
@@ -62,7 +88,7 @@ def _gguf_source(path: str, hf_config: dict) -> hf_io.TensorSource:
         save_file({k: hf_io.DictSource(tensors).read(k, ()) for k in tensors},
                   os.path.join(directory, "model.safetensors"))
 
-    cached = gguf_cache.entry(path, "tensors", build)
+    cached = gguf_cache.entry(path, "tensors", build) if cache else None
     return hf_io.DictSource(_gguf_tensors(path, hf_config)) if cached is None else hf_io.SafetensorsSource(cached)
 
 
@@ -79,19 +105,28 @@ def _gguf_tensors(path: str, hf_config: dict) -> dict[str, Any]:
                                                model_type=hf_config["model_type"])
     with torch.device("meta"):  # only the name mapping is needed: no memory for a second model
         skeleton = transformers.AutoModelForCausalLM.from_config(config)
-    return load_gguf_checkpoint(path, return_tensors=True, model_to_load=skeleton)["tensors"]
+    # the absolute path, as AutoConfig passes it: the file parsed for the config is parsed once
+    return load_gguf_checkpoint(os.path.abspath(path), return_tensors=True, model_to_load=skeleton)["tensors"]
 
 
-def from_pretrained(path: str, *, dtype: str = "float32", mesh=None,
-                    compute_dtype: str | None = None) -> Transformer:
+def from_pretrained(path: str, *, dtype: str = "float32", mesh=None, compute_dtype: str | None = None,
+                    cache: bool = True) -> Transformer:
     """Loads an HF directory, a .gguf file, or an olmo_jax checkpoint as a `Transformer`.
 
     dtype: parameter dtype (and compute dtype unless `compute_dtype` is given).
     mesh: a `jax.sharding.Mesh`; parameters are placed shard by shard with `param_shardings`.
+    cache: a .gguf file's conversion is kept (olmo_jax/gguf_cache.py) for its next load. False for
+      a file read once, as one just written and read back: it would only fill the disk (an entry
+      holds the model in float32).
     """
     path = resolve(path)
     kind = _kind(path)
-    base = load_config(path)
+    with _gguf_parsed_once() if kind == "gguf" else contextlib.nullcontext():
+        return _from_pretrained(path, kind, dtype, mesh, compute_dtype, cache)
+
+
+def _from_pretrained(path, kind, dtype, mesh, compute_dtype, cache) -> Transformer:
+    base = _load_config(path, cache)
     cfg = base.replace(param_dtype=dtype, compute_dtype=compute_dtype or dtype)
     shardings = param_shardings(cfg, mesh) if mesh is not None else None
     mask = None
@@ -101,7 +136,7 @@ def from_pretrained(path: str, *, dtype: str = "float32", mesh=None,
     elif kind == "hf":
         params = hf_io.load_params(cfg, hf_io.SafetensorsSource(path), shardings)
     else:
-        params = hf_io.load_params(cfg, _gguf_source(path, cfg.to_hf()), shardings)
+        params = hf_io.load_params(cfg, _gguf_source(path, cfg.to_hf(), cache), shardings)
     return Transformer(cfg, params, source=path, neuron_mask=mask)  # the tokenizer lives at `source`
 
 

@@ -29,7 +29,9 @@ def finished(tmp_path_factory):
     config.pipeline.edge.threads = (1,)
     config.pipeline.edge.gen_tokens = 8
     config.pipeline.edge.eval_limit = 8
-    return config, str(base / "work"), run_study(config, str(base / "work"))
+    with pytest.MonkeyPatch.context() as m:  # a conversion cache of its own: see the read-back test
+        m.setenv("OLMO_JAX_CACHE", str(base / "cache"))
+        return config, str(base / "work"), run_study(config, str(base / "work"))
 
 
 def test_every_model_and_quant_has_a_row(finished):
@@ -49,6 +51,14 @@ def test_every_model_and_quant_has_a_row(finished):
                 assert t["gen_tokens_per_s"] > 0 and t["prompt_tokens_per_s"] > 0 and t["peak_rss_mb"] > 0
     text = open(os.path.join(workdir, "results.md")).read()
     assert "On the edge" in text and text.count("| edge-") == 0 and text.count("| run-l2-0.5-ce | 32 |") == 2
+
+
+def test_the_read_back_files_leave_no_conversion_cache_entry(finished):
+    """Each quantised file is read back once, just written: a cache entry (the model in float32)
+    would never be read again and only fill the disk, once per file per run."""
+    _, workdir, _ = finished
+    cache = os.path.join(os.path.dirname(workdir), "cache", "gguf")
+    assert not os.path.isdir(cache) or os.listdir(cache) == []
 
 
 def test_f16_file_scores_like_the_model(finished):

@@ -1,4 +1,6 @@
 """GGUF export: read back by transformers, run by llama.cpp (xllamacpp), quantised, and its errors."""
+import collections
+import contextlib
 import json
 import os
 import subprocess
@@ -147,6 +149,33 @@ def test_a_second_read_comes_from_the_conversion_cache_bit_for_bit(tiny_llama, t
     os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))  # "changed"
     olmo_jax.from_pretrained(path)
     assert len(os.listdir(tmp_path / "cache" / "gguf")) == 2
+
+
+def test_a_gguf_read_parses_the_file_once_and_caches_only_when_asked(tmp_path_factory, tmp_path, monkeypatch):
+    """olmo_jax/api.py `_gguf_parsed_once`: a load parses the file once and builds gguf's tensor-name
+    table once (transformers alone: twice, and once per module), to the same arrays; cache=False (a
+    file read once, as the edge stage's read-back) leaves no conversion-cache entry."""
+    _, path, _ = _tiny("llama-tied", tmp_path_factory)
+    monkeypatch.setenv("OLMO_JAX_CACHE", str(tmp_path / "cache"))
+    calls = collections.Counter()
+
+    def counted(name, fn):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return call
+    monkeypatch.setattr(gguf, "GGUFReader", counted("parses", gguf.GGUFReader))
+    monkeypatch.setattr(gguf, "get_tensor_name_map", counted("name tables", gguf.get_tensor_name_map))
+    once = olmo_jax.from_pretrained(path, cache=False)
+    assert dict(calls) == {"parses": 1, "name tables": 1}
+    assert not (tmp_path / "cache").exists()
+    calls.clear()
+    with monkeypatch.context() as m:
+        m.setattr(olmo_jax.api, "_gguf_parsed_once", contextlib.nullcontext)
+        plain = olmo_jax.from_pretrained(path, cache=False)
+    assert calls["parses"] == 2 and calls["name tables"] > 1, calls  # what the memo saves
+    want, got = _params_np(plain), _params_np(once)
+    assert want.keys() == got.keys() and all(np.array_equal(want[k], got[k]) for k in want)
 
 
 @needs_llamacpp

@@ -61,7 +61,7 @@ def _row(study, model, out: str, quant: str, threads: tuple[int, ...]) -> dict:
             print(f"edge: {err}; llama.cpp speed columns skipped", flush=True)
         row["llamacpp_error"] = str(err)
     try:  # transformers' GGUF reader dequantises the file (it has no olmo2 GGUF reader)
-        back = olmo_jax.from_pretrained(path, dtype="float32", mesh=study.mesh)
+        back = olmo_jax.from_pretrained(path, dtype="float32", mesh=study.mesh, cache=False)
     except Exception as err:  # noqa: BLE001 - transformers raises several types; the row says which
         row["eval_error"] = " ".join(str(err).split())[:300]
         return row
