@@ -98,3 +98,47 @@ def test_compile_seconds_counts_the_programs_built_inside_the_block():
     assert built >= 3 and sum(seconds) > 0
     jax.jit(lambda v: v - 1.0)(x).block_until_ready()
     assert len(seconds) == built
+
+
+def test_eval_cli_resumes_a_stopped_run_from_its_finished_tasks(tmp_path):
+    """--out keeps each finished task in OUT.partial: Ctrl-C after the first task (on the tests' tiny
+    model) exits 130 with one line; a relaunch with another setting is refused (exit 2) and leaves
+    the file as it was; the same command scores only the unfinished task, takes the finished one as
+    it was, and removes the partial file."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    from tests.hf_helpers import tiny_model_dir
+    out = tmp_path / "r.json"
+    partial = tmp_path / "r.json.partial"
+    args = [f"--src={tiny_model_dir(tmp_path / 'model')}", "--task=csqa:rc_0shot,arc_easy:rc_5shot", "--limit=3",
+            f"--out={out}", "--progress=false"]
+    cli = [sys.executable, "-m", "train.eval", *args]
+    p = subprocess.Popen(cli, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in p.stdout:
+        lines.append(line.rstrip())
+        if line.startswith("| csqa:rc_0shot |"):
+            p.send_signal(signal.SIGINT)  # while arc_easy is scored
+    p.stderr.read()
+    assert p.wait() == 130, lines
+    assert lines[-1] == f"interrupted: 1 finished task(s) kept in {partial}; the same command resumes"
+    assert not out.exists()
+    kept = partial.read_bytes()
+    assert list(json.loads(kept)["tasks"]) == ["csqa:rc_0shot"]
+
+    other = subprocess.run([*cli[:-3], "--limit=4", *cli[-2:]], capture_output=True, text=True)
+    assert other.returncode == 2 and other.stderr.strip() == (
+        f"error: {partial} holds the finished tasks of another run (limit differ): delete it to start over, "
+        "or choose another --out")
+    assert partial.read_bytes() == kept
+
+    again = subprocess.run(cli, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith(f"resuming: 1 finished task(s) from {partial}: csqa:rc_0shot")
+    result = json.loads(out.read_text())
+    assert list(result["tasks"]) == ["csqa:rc_0shot", "arc_easy:rc_5shot"]
+    assert result["resumed_tasks"] == ["csqa:rc_0shot"] and "macro" in result
+    assert result["tasks"]["csqa:rc_0shot"] == json.loads(kept)["tasks"]["csqa:rc_0shot"]
+    assert not partial.exists()

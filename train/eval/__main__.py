@@ -6,10 +6,14 @@ PATH: HF directory, .gguf, olmo_jax checkpoint, or `smollm2` (the packaged model
 SPEC: TASK:FORMAT[,TASK:FORMAT...] (e.g. csqa:rc_0shot,hellaswag:mc_5shot), `olmes` (the nine
 tasks at rc_5shot, OLMES's `<task>:rc::olmes`), `lambada` (LM health), or a mix: `olmes,lambada`.
 --limit=N keeps the first N documents of each task, in request-file order.
+With --out, each finished task is kept in FILE.json.partial until the run ends: the same command
+launched again after a stop (killed, preempted, Ctrl-C) scores only the tasks not yet finished.
 """
+import contextlib
+
 from absl import app, flags
 
-from olmo_jax.cli import user_errors
+from olmo_jax.cli import Interrupted, user_errors
 
 flags.DEFINE_string("src", None, "Model: HF dir, .gguf, olmo_jax checkpoint, or `smollm2`.", required=True)
 flags.DEFINE_string("task", "csqa:rc_0shot", "TASK:FORMAT[,...] | olmes | lambada (see the module docstring)")
@@ -24,25 +28,53 @@ flags.DEFINE_string("compute_dtype", "float32", "float32 | bfloat16 (activations
 FLAGS = flags.FLAGS
 
 
-def table(result: dict) -> str:
-    """The per-task table printed on the console."""
-    lines = ["| task | n | primary | value [95% CI] | acc_raw | acc_per_token | acc_per_char | acc_uncond |",
-             "|---|---|---|---|---|---|---|---|"]
-    fmt = lambda r, k: f"{r[k]:.4f}" if k in r else "-"  # noqa: E731
-    for key, r in result["tasks"].items():
-        pm = r["primary_metric"]
-        if pm == "loss_per_token":
-            lines.append(f"| {key} | {r['n']} | loss/token | {r[pm]:.4f} [{r['loss_ci95'][0]:.3f}, "
-                         f"{r['loss_ci95'][1]:.3f}] | bits/byte {r['bits_per_byte']:.4f} | last-word acc "
-                         f"{r['last_word_acc']:.4f} | | |")
-            continue
-        lines.append(f"| {key} | {r['n']} | {pm} | {r[pm]:.4f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | "
-                     + " | ".join(fmt(r, k) for k in ("acc_raw", "acc_per_token", "acc_per_char", "acc_uncond")) + " |")
-    if "macro" in result:
-        m = result["macro"]
-        lines.append(f"| macro ({len(m['tasks'])} tasks) | | | {m['mean']:.4f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}] "
-                     "| | | | |")
-    return "\n".join(lines)
+HEADER = ("| task | n | primary | value [95% CI] | acc_raw | acc_per_token | acc_per_char | acc_uncond | s |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+
+
+def row(key: str, r: dict, note: str = "") -> str:
+    """One task's line of the table, printed as the task finishes (s: its wall time)."""
+    pm, s = r["primary_metric"], f"{r['wall_s']:.0f}{note}" if "wall_s" in r else note
+    if pm == "loss_per_token":
+        return (f"| {key} | {r['n']} | loss/token | {r[pm]:.4f} [{r['loss_ci95'][0]:.3f}, {r['loss_ci95'][1]:.3f}] "
+                f"| bits/byte {r['bits_per_byte']:.4f} | last-word acc {r['last_word_acc']:.4f} | | | {s} |")
+    fmt = lambda k: f"{r[k]:.4f}" if k in r else "-"  # noqa: E731
+    return (f"| {key} | {r['n']} | {pm} | {r[pm]:.4f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | "
+            + " | ".join(fmt(k) for k in ("acc_raw", "acc_per_token", "acc_per_char", "acc_uncond")) + f" | {s} |")
+
+
+def macro_row(result: dict) -> str:
+    m = result["macro"]
+    return (f"| macro ({len(m['tasks'])} tasks) | | | {m['mean']:.4f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}] "
+            "| | | | | |")
+
+
+def _finished_tasks():
+    """--out's record of finished tasks (None without --out), for this model and these settings."""
+    import os
+
+    from olmo_jax.assets import resolve
+    from train.eval.run import FinishedTasks, model_files
+    if not FLAGS.out or not os.path.exists(resolve(FLAGS.src)):  # no path: from_pretrained says so
+        return None
+    return FinishedTasks(FLAGS.out, {
+        "src": FLAGS.src, "model_files": model_files(resolve(FLAGS.src)), "task": FLAGS.task, "split": FLAGS.split,
+        "limit": FLAGS.limit, "batch_size": FLAGS.batch_size, "compute_dtype": FLAGS.compute_dtype})
+
+
+class _Stopped(Interrupted):
+    exit_code = 130  # the shell's code for a Ctrl-C
+
+
+@contextlib.contextmanager
+def _resumable(finished):
+    """Ctrl-C: one line saying what is kept, not a traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        kept = (f"{len(finished.tasks)} finished task(s) kept in {finished.path}; the same command resumes"
+                if finished is not None else "nothing kept (no --out)")
+        raise _Stopped(f"interrupted: {kept}") from None
 
 
 def main(argv):
@@ -58,18 +90,35 @@ def main(argv):
         check_request(FLAGS.task, FLAGS.limit, FLAGS.split)
         if FLAGS.compute_dtype not in DTYPES:
             raise OlmoJaxError(f"--compute_dtype must be one of {sorted(DTYPES)}, got {FLAGS.compute_dtype!r}")
+        finished = _finished_tasks()
+        resumed = dict(finished.tasks) if finished is not None else {}
+        if resumed:
+            print(f"resuming: {len(resumed)} finished task(s) from {finished.path}: " + ", ".join(resumed), flush=True)
         model = olmo_jax.from_pretrained(FLAGS.src)
         cfg = dataclasses.replace(model.config, compute_dtype=FLAGS.compute_dtype)
+        print(HEADER, flush=True)  # the table grows a row as each task finishes
+        for key, r in resumed.items():
+            print(row(key, r, " (earlier run)"), flush=True)
+
+        def on_task(key, r):
+            if finished is not None:
+                finished.add(key, r)
+            print(row(key, r), flush=True)
+
         t0 = time.perf_counter()
-        with compile_seconds() as compile_s:
+        with compile_seconds() as compile_s, _resumable(finished):
             result = evaluate_spec(cfg, model.param_dict(), olmo_jax.load_tokenizer(model.source), FLAGS.task,
                                    split=FLAGS.split, limit=FLAGS.limit, batch_size=FLAGS.batch_size,
-                                   progress=FLAGS.progress)
+                                   progress=FLAGS.progress, finished=resumed, on_task=on_task)
+        # wall_s and compile_s are this process's; every task keeps its own wall_s
         result |= {"src": FLAGS.src, "compute_dtype": FLAGS.compute_dtype, "wall_s": time.perf_counter() - t0,
-                   "compile_s": sum(compile_s)}
+                   "compile_s": sum(compile_s), "resumed_tasks": list(resumed)}
         if FLAGS.out:
             fsutil.atomic_write_json(FLAGS.out, result)
-        print(table(result))
+        if finished is not None:
+            finished.done()
+        if "macro" in result:
+            print(macro_row(result))
         print(f"({result['wall_s']:.0f} s, {result['compile_s']:.0f} s of it compiling)")
 
 

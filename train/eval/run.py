@@ -10,12 +10,15 @@ bootstrap CI; LAMBADA gives the LM-health row (`metrics.lm_health`).
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import time
+from typing import Callable
 
 import jax
 import numpy as np
 
-from olmo_jax import tasks as tasks_lib
+from olmo_jax import fsutil, tasks as tasks_lib
 from olmo_jax.config import ModelConfig, OlmoJaxError
 from olmo_jax.tasks import EvalTask, Question, lambada
 from train.eval.metrics import choice_scores, evaluate, lm_health, macro_average
@@ -97,16 +100,25 @@ def _evaluate_lm(cfg, params, tokenizer, task, limit, batch_size, progress) -> d
 
 
 def evaluate_spec(cfg: ModelConfig, params, tokenizer, spec: str, *, split: str = "validation",
-                  limit: int | None = None, batch_size: int = 32, progress: bool = False) -> dict:
-    """{"tasks": {key: result}, "macro": ... (2+ multiple-choice tasks)} for a task spec."""
+                  limit: int | None = None, batch_size: int = 32, progress: bool = False,
+                  finished: dict | None = None, on_task: Callable[[str, dict], None] | None = None) -> dict:
+    """{"tasks": {key: result}, "macro": ... (2+ multiple-choice tasks)} for a task spec.
+
+    finished: results of tasks scored before (a relaunched run, `FinishedTasks`), taken as they are.
+    on_task: called with each task's key and result once it is scored."""
     if limit is not None and limit < 1:
         raise OlmoJaxError(f"limit must be >= 1 (or None for every document), got {limit}")
     out = {"spec": spec, "split": split, "limit": limit, "tasks": {}}
     for task in tasks_lib.parse_spec(spec):
+        if finished and task.key in finished:
+            out["tasks"][task.key] = finished[task.key]
+            continue
         t0 = time.perf_counter()
         out["tasks"][task.key] = evaluate_task(cfg, params, tokenizer, task, split=split, limit=limit,
                                                batch_size=batch_size, progress=progress)
         out["tasks"][task.key]["wall_s"] = time.perf_counter() - t0  # compilation included
+        if on_task is not None:
+            on_task(task.key, out["tasks"][task.key])
     choice = {k: correctness(r) for k, r in out["tasks"].items() if r["primary_metric"] != "loss_per_token"}
     if len(choice) > 1:
         out["macro"] = macro_average(choice)
@@ -157,6 +169,55 @@ def evaluate_params(cfg: ModelConfig, params, tokenizer, task: str = "csqa:rc_0s
         raise OlmoJaxError(f"evaluate_params takes one task, got {task!r} (use evaluate_spec)")
     return evaluate_task(cfg, params, tokenizer, one, split=split, limit=limit, batch_size=batch_size,
                          progress=progress)
+
+
+def model_files(path: str) -> list[list]:
+    """[path relative to `path`, size, modification time (ns)] of every file of a model (a .gguf, an
+    HF or olmo_jax directory), sorted: what tells one model on disk from a changed one, as the GGUF
+    conversion cache does (olmo_jax/gguf_cache.py)."""
+    if os.path.isfile(path):
+        st = os.stat(path)
+        return [[os.path.basename(path), st.st_size, st.st_mtime_ns]]
+    out = []
+    for root, _, files in os.walk(path):
+        for name in files:
+            st = os.stat(os.path.join(root, name))
+            out.append([os.path.relpath(os.path.join(root, name), path), st.st_size, st.st_mtime_ns])
+    return sorted(out)
+
+
+class FinishedTasks:
+    """The tasks a run has finished, kept beside its result file (`OUT.partial`, rewritten
+    atomically after each task), so a run stopped midway (killed, preempted, Ctrl-C) and launched
+    again with the same command scores only the tasks it had not finished: the full OLMES suite
+    runs 14-38 min on 2 CPU cores. `identity` (the model's files and every setting that changes a
+    score) must equal the file's, or the file is refused: results of two runs are never mixed, and
+    the file is never overwritten by another run."""
+
+    def __init__(self, out: str, identity: dict):
+        self.path = out + ".partial"
+        self.identity = json.loads(json.dumps(identity))  # as it reads back
+        self.tasks: dict = {}
+        if os.path.exists(self.path):
+            try:
+                with open(self.path) as f:
+                    saved = json.load(f)
+                theirs, self.tasks = saved["identity"], saved["tasks"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise OlmoJaxError(f"cannot read {self.path} ({type(e).__name__}): delete it to start over") from None
+            differ = sorted(k for k in self.identity.keys() | theirs.keys() if self.identity.get(k) != theirs.get(k))
+            if differ:
+                raise OlmoJaxError(f"{self.path} holds the finished tasks of another run ({', '.join(differ)} "
+                                   "differ): delete it to start over, or choose another --out")
+
+    def add(self, key: str, result: dict) -> None:
+        self.tasks[key] = result
+        fsutil.atomic_write_json(self.path, {"identity": self.identity, "tasks": self.tasks})
+
+    def done(self) -> None:
+        """The full result is written: the partial file has served."""
+        if os.path.exists(self.path):
+            os.remove(self.path)
 
 
 def correctness(result: dict) -> np.ndarray:
