@@ -45,14 +45,30 @@ def torch_logits(tm, ids, attention_mask=None):
 TINY_VOCAB = 2048
 
 
-def tiny_model_dir(path, arch="llama", seed=0):
-    """A tiny random model with SmolLM2's tokenizer cut to TINY_VOCAB ids, saved as an HF dir with
-    tokenizer files: enough to run the whole pipeline in seconds."""
-    hf = tiny_hf_config(arch, layers=2, hidden=32, heads=4, kv_heads=2, head_dim=8, intermediate=64,
-                        vocab=TINY_VOCAB, tied=arch == "llama")
+SMOLLM2_VOCAB = 49152
+
+
+def tiny_model_dir(path, arch="llama", seed=0, *, vocab=TINY_VOCAB, tied=None, intermediate=64, qk_scale=1.0,
+                   **extra):
+    """A tiny random model (2 layers, hidden 32) with SmolLM2's tokenizer, whole (vocab=SMOLLM2_VOCAB)
+    or cut to its first `vocab` ids, saved as an HF dir with tokenizer files: enough to run the whole
+    pipeline in seconds. tied: default for llama (SmolLM2's layout). qk_scale: Q/K weights scaled
+    up, for sharp attention (random N(0, 0.02) weights attend almost uniformly, so RoPE and the Q/K
+    row order would barely change the logits). `extra`: more HF config fields (e.g. rope_scaling)."""
+    hf = tiny_hf_config(arch, layers=2, hidden=32, heads=4, kv_heads=2, head_dim=8, intermediate=intermediate,
+                        vocab=vocab, tied=arch == "llama" if tied is None else tied, **extra)
     hf.update(pad_token_id=2, bos_token_id=1, eos_token_id=2)
-    torch_model(hf, seed).save_pretrained(str(path))
-    save_small_smollm2_tokenizer(path, TINY_VOCAB)
+    tm = torch_model(hf, seed)
+    with torch.no_grad():
+        for name, w in tm.named_parameters():
+            if qk_scale != 1.0 and name.endswith(("q_proj.weight", "k_proj.weight")):
+                w.mul_(qk_scale)
+    tm.save_pretrained(str(path))
+    if vocab == SMOLLM2_VOCAB:
+        import olmo_jax
+        olmo_jax.load_tokenizer("smollm2").save_pretrained(str(path))
+    else:
+        save_small_smollm2_tokenizer(path, vocab)
     return str(path)
 
 

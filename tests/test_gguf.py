@@ -10,7 +10,6 @@ import gguf
 import jax
 import numpy as np
 import pytest
-import torch
 
 import olmo_jax
 from olmo_jax import edge, gguf_export, hf_io
@@ -18,7 +17,7 @@ from olmo_jax.assets import smollm2_gguf_path
 from olmo_jax.config import OlmoJaxError
 from olmo_jax.generate import greedy
 from olmo_jax.gguf_export import interleave_rope_rows, tensor_specs
-from tests.hf_helpers import save_small_smollm2_tokenizer, tiny_hf_config, torch_model
+from tests.hf_helpers import SMOLLM2_VOCAB, tiny_model_dir
 
 try:
     import xllamacpp  # noqa: F401
@@ -45,27 +44,12 @@ def _smollm2_tokenizer():
 # its first 512 ids: gguf's reader parses a file's tokenizer metadata slowest, once per read (~5 s
 # each with all 49152 tokens). Tests of the tokenizer itself use the whole one (`tiny_llama`).
 SMALL_VOCAB = 512
-FULL_VOCAB = 49152
+FULL_VOCAB = SMOLLM2_VOCAB
 
 
-def tiny_dir(path, arch: str, tied: bool, *, intermediate: int = 64, seed: int = 0, vocab: int = SMALL_VOCAB,
-             **extra) -> str:
-    """A tiny random model with SmolLM2's tokenizer (whole, or its first `vocab` ids), as an HF directory;
-    `extra`: more HF config fields (e.g. rope_scaling)."""
-    hf = tiny_hf_config(arch, layers=2, hidden=32, heads=4, kv_heads=2, head_dim=8, intermediate=intermediate,
-                        vocab=vocab, tied=tied, **extra)
-    hf.update(pad_token_id=2, bos_token_id=1, eos_token_id=2)
-    tm = torch_model(hf, seed)
-    with torch.no_grad():  # sharp attention, so RoPE (and a wrong Q/K row order) changes the logits
-        for name, w in tm.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                w.mul_(SHARPEN)
-    tm.save_pretrained(str(path))
-    if vocab == FULL_VOCAB:
-        _smollm2_tokenizer().save_pretrained(str(path))
-    else:
-        save_small_smollm2_tokenizer(path, vocab)
-    return str(path)
+def tiny_dir(path, arch: str, tied: bool, *, seed: int = 0, vocab: int = SMALL_VOCAB, **extra) -> str:
+    """tests/hf_helpers.py's tiny model, sharp (SHARPEN), as an HF directory."""
+    return tiny_model_dir(path, arch, seed, vocab=vocab, tied=tied, qk_scale=SHARPEN, **extra)
 
 
 TINY = {"llama-tied": ("llama", True), "llama-untied": ("llama", False), "olmo2": ("olmo2", False)}
