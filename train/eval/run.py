@@ -202,7 +202,7 @@ class FinishedTasks:
             try:
                 with open(self.path) as f:
                     saved = json.load(f)
-                theirs, self.tasks = saved["identity"], saved["tasks"]
+                theirs, self.tasks = dict(saved["identity"]), dict(saved["tasks"])
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise OlmoJaxError(f"cannot read {self.path} ({type(e).__name__}): delete it to start over") from None
             differ = sorted(k for k in self.identity.keys() | theirs.keys() if self.identity.get(k) != theirs.get(k))
