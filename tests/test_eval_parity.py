@@ -100,45 +100,75 @@ def test_compile_seconds_counts_the_programs_built_inside_the_block():
     assert len(seconds) == built
 
 
-def test_eval_cli_resumes_a_stopped_run_from_its_finished_tasks(tmp_path):
-    """--out keeps each finished task in OUT.partial: Ctrl-C after the first task (on the tests' tiny
-    model) exits 130 with one line; a relaunch with another setting is refused (exit 2) and leaves
-    the file as it was; the same command scores only the unfinished task, takes the finished one as
-    it was, and removes the partial file."""
+SPEC = "csqa:rc_0shot,arc_easy:rc_5shot"
+
+
+def test_eval_cli_resumes_from_finished_tasks_and_refuses_another_runs(tmp_path):
+    """With --out: a run prints each task's row as it finishes and leaves no partial file; given a
+    partial file of this run (the model's files and settings) holding one task, the same command
+    takes that task as it was and scores only the other, to the same scores as a whole run; a partial
+    file of a run with another setting is refused in one line (exit 2) and left as it was."""
     import json
-    import signal
     import subprocess
     import sys
     from tests.hf_helpers import tiny_model_dir
-    out = tmp_path / "r.json"
-    partial = tmp_path / "r.json.partial"
-    args = [f"--src={tiny_model_dir(tmp_path / 'model')}", "--task=csqa:rc_0shot,arc_easy:rc_5shot", "--limit=3",
-            f"--out={out}", "--progress=false"]
-    cli = [sys.executable, "-m", "train.eval", *args]
-    p = subprocess.Popen(cli, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines = []
-    for line in p.stdout:
-        lines.append(line.rstrip())
-        if line.startswith("| csqa:rc_0shot |"):
-            p.send_signal(signal.SIGINT)  # while arc_easy is scored
-    p.stderr.read()
-    assert p.wait() == 130, lines
-    assert lines[-1] == f"interrupted: 1 finished task(s) kept in {partial}; the same command resumes"
-    assert not out.exists()
-    kept = partial.read_bytes()
-    assert list(json.loads(kept)["tasks"]) == ["csqa:rc_0shot"]
+    from train.eval.run import FinishedTasks, run_identity
+    src, out = tiny_model_dir(tmp_path / "model"), tmp_path / "r.json"
+    settings = dict(task=SPEC, split="validation", limit=3, batch_size=32, compute_dtype="float32")
+    cli = [sys.executable, "-m", "train.eval", f"--src={src}", f"--task={SPEC}", "--limit=3", f"--out={out}",
+           "--progress=false"]
+    whole = subprocess.run(cli, capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr
+    lines = whole.stdout.splitlines()
+    assert [x.split(" |")[0] for x in lines[2:4]] == ["| csqa:rc_0shot", "| arc_easy:rc_5shot"]
+    first = json.loads(out.read_text())
+    assert first["resumed_tasks"] == [] and not (tmp_path / "r.json.partial").exists()
 
-    other = subprocess.run([*cli[:-3], "--limit=4", *cli[-2:]], capture_output=True, text=True)
-    assert other.returncode == 2 and other.stderr.strip() == (
-        f"error: {partial} holds the finished tasks of another run (limit differ): delete it to start over, "
-        "or choose another --out")
-    assert partial.read_bytes() == kept
-
+    out.unlink()
+    kept = dict(first["tasks"]["csqa:rc_0shot"], wall_s=12345.0)  # marked: taken, not scored again
+    FinishedTasks(str(out), run_identity(src, **settings)).add("csqa:rc_0shot", kept)
     again = subprocess.run(cli, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
-    assert again.stdout.startswith(f"resuming: 1 finished task(s) from {partial}: csqa:rc_0shot")
+    assert again.stdout.startswith(f"resuming: 1 finished task(s) from {out}.partial: csqa:rc_0shot\n")
+    assert "| 12345 (earlier run) |" in again.stdout.splitlines()[3]
     result = json.loads(out.read_text())
-    assert list(result["tasks"]) == ["csqa:rc_0shot", "arc_easy:rc_5shot"]
-    assert result["resumed_tasks"] == ["csqa:rc_0shot"] and "macro" in result
-    assert result["tasks"]["csqa:rc_0shot"] == json.loads(kept)["tasks"]["csqa:rc_0shot"]
-    assert not partial.exists()
+    assert result["resumed_tasks"] == ["csqa:rc_0shot"] and result["tasks"]["csqa:rc_0shot"] == kept
+    for key in ("predictions", "primary_metric", "acc_raw"):
+        assert result["tasks"]["arc_easy:rc_5shot"][key] == first["tasks"]["arc_easy:rc_5shot"][key]
+    assert result["macro"] == first["macro"] and not (tmp_path / "r.json.partial").exists()
+
+    FinishedTasks(str(out), run_identity(src, **settings)).add("csqa:rc_0shot", kept)
+    planted = (tmp_path / "r.json.partial").read_bytes()
+    other = subprocess.run([x if x != "--limit=3" else "--limit=4" for x in cli], capture_output=True, text=True)
+    assert other.returncode == 2 and other.stderr.strip() == (
+        f"error: {out}.partial holds the finished tasks of another run (limit differ): delete it to start over, "
+        "or choose another --out")
+    assert (tmp_path / "r.json.partial").read_bytes() == planted
+
+
+def test_ctrl_c_keeps_the_finished_tasks_in_one_line(tmp_path, capsys):
+    """A Ctrl-C landing after the first task was kept: one line saying so, exit 130, and the partial
+    file holds that task."""
+    import json
+
+    import olmo_jax
+    from olmo_jax.cli import user_errors
+    from tests.hf_helpers import tiny_model_dir
+    from train.eval.run import FinishedTasks, evaluate_spec, run_identity, stopped_cleanly
+    src = tiny_model_dir(tmp_path / "model")
+    model = olmo_jax.from_pretrained(src)
+    finished = FinishedTasks(str(tmp_path / "r.json"), run_identity(src, task=SPEC))
+
+    def kept_then_interrupted(key, result):
+        finished.add(key, result)
+        raise KeyboardInterrupt
+    try:
+        with pytest.raises(SystemExit) as stop, user_errors(), stopped_cleanly(finished):
+            evaluate_spec(model.config, model.param_dict(), olmo_jax.load_tokenizer(src), SPEC, limit=2,
+                          on_task=kept_then_interrupted)
+    except KeyboardInterrupt:  # would stop the whole test session: a failure of this test instead
+        pytest.fail("the Ctrl-C escaped stopped_cleanly")
+    assert stop.value.code == 130
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"interrupted: 1 finished task(s) kept in {tmp_path / 'r.json.partial'}; the same command resumes")
+    assert list(json.loads((tmp_path / "r.json.partial").read_text())["tasks"]) == ["csqa:rc_0shot"]

@@ -9,11 +9,9 @@ tasks at rc_5shot, OLMES's `<task>:rc::olmes`), `lambada` (LM health), or a mix:
 With --out, each finished task is kept in FILE.json.partial until the run ends: the same command
 launched again after a stop (killed, preempted, Ctrl-C) scores only the tasks not yet finished.
 """
-import contextlib
-
 from absl import app, flags
 
-from olmo_jax.cli import Interrupted, user_errors
+from olmo_jax.cli import user_errors
 
 flags.DEFINE_string("src", None, "Model: HF dir, .gguf, olmo_jax checkpoint, or `smollm2`.", required=True)
 flags.DEFINE_string("task", "csqa:rc_0shot", "TASK:FORMAT[,...] | olmes | lambada (see the module docstring)")
@@ -54,72 +52,62 @@ def _finished_tasks():
     import os
 
     from olmo_jax.assets import resolve
-    from train.eval.run import FinishedTasks, model_files
+    from train.eval.run import FinishedTasks, run_identity
     if not FLAGS.out or not os.path.exists(resolve(FLAGS.src)):  # no path: from_pretrained says so
         return None
-    return FinishedTasks(FLAGS.out, {
-        "src": FLAGS.src, "model_files": model_files(resolve(FLAGS.src)), "task": FLAGS.task, "split": FLAGS.split,
-        "limit": FLAGS.limit, "batch_size": FLAGS.batch_size, "compute_dtype": FLAGS.compute_dtype})
-
-
-class _Stopped(Interrupted):
-    exit_code = 130  # the shell's code for a Ctrl-C
-
-
-@contextlib.contextmanager
-def _resumable(finished):
-    """Ctrl-C: one line saying what is kept, not a traceback."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        kept = (f"{len(finished.tasks)} finished task(s) kept in {finished.path}; the same command resumes"
-                if finished is not None else "nothing kept (no --out)")
-        raise _Stopped(f"interrupted: {kept}") from None
+    return FinishedTasks(FLAGS.out, run_identity(FLAGS.src, task=FLAGS.task, split=FLAGS.split, limit=FLAGS.limit,
+                                                 batch_size=FLAGS.batch_size, compute_dtype=FLAGS.compute_dtype))
 
 
 def main(argv):
     del argv
     with user_errors():
-        import dataclasses
-        import time
-
-        import olmo_jax
-        from olmo_jax import fsutil
         from olmo_jax.config import DTYPES, OlmoJaxError
-        from train.eval.run import check_request, compile_seconds, evaluate_spec
+        from train.eval.run import check_request, stopped_cleanly
         check_request(FLAGS.task, FLAGS.limit, FLAGS.split)
         if FLAGS.compute_dtype not in DTYPES:
             raise OlmoJaxError(f"--compute_dtype must be one of {sorted(DTYPES)}, got {FLAGS.compute_dtype!r}")
         finished = _finished_tasks()
-        resumed = dict(finished.tasks) if finished is not None else {}
-        if resumed:
-            print(f"resuming: {len(resumed)} finished task(s) from {finished.path}: " + ", ".join(resumed), flush=True)
-        model = olmo_jax.from_pretrained(FLAGS.src)
-        cfg = dataclasses.replace(model.config, compute_dtype=FLAGS.compute_dtype)
-        print(HEADER, flush=True)  # the table grows a row as each task finishes
-        for key, r in resumed.items():
-            print(row(key, r, " (earlier run)"), flush=True)
+        with stopped_cleanly(finished):
+            _evaluate(finished)
 
-        def on_task(key, r):
-            if finished is not None:
-                finished.add(key, r)
-            print(row(key, r), flush=True)
 
-        t0 = time.perf_counter()
-        with compile_seconds() as compile_s, _resumable(finished):
-            result = evaluate_spec(cfg, model.param_dict(), olmo_jax.load_tokenizer(model.source), FLAGS.task,
-                                   split=FLAGS.split, limit=FLAGS.limit, batch_size=FLAGS.batch_size,
-                                   progress=FLAGS.progress, finished=resumed, on_task=on_task)
-        # wall_s and compile_s are this process's; every task keeps its own wall_s
-        result |= {"src": FLAGS.src, "compute_dtype": FLAGS.compute_dtype, "wall_s": time.perf_counter() - t0,
-                   "compile_s": sum(compile_s), "resumed_tasks": list(resumed)}
-        if FLAGS.out:
-            fsutil.atomic_write_json(FLAGS.out, result)
+def _evaluate(finished) -> None:
+    import dataclasses
+    import time
+
+    import olmo_jax
+    from olmo_jax import fsutil
+    from train.eval.run import compile_seconds, evaluate_spec
+    resumed = dict(finished.tasks) if finished is not None else {}
+    if resumed:
+        print(f"resuming: {len(resumed)} finished task(s) from {finished.path}: " + ", ".join(resumed), flush=True)
+    model = olmo_jax.from_pretrained(FLAGS.src)
+    cfg = dataclasses.replace(model.config, compute_dtype=FLAGS.compute_dtype)
+    print(HEADER, flush=True)  # the table grows a row as each task finishes
+    for key, r in resumed.items():
+        print(row(key, r, " (earlier run)"), flush=True)
+
+    def on_task(key, r):
         if finished is not None:
-            finished.done()
-        if "macro" in result:
-            print(macro_row(result))
-        print(f"({result['wall_s']:.0f} s, {result['compile_s']:.0f} s of it compiling)")
+            finished.add(key, r)
+        print(row(key, r), flush=True)
+
+    t0 = time.perf_counter()
+    with compile_seconds() as compile_s:
+        result = evaluate_spec(cfg, model.param_dict(), olmo_jax.load_tokenizer(model.source), FLAGS.task,
+                               split=FLAGS.split, limit=FLAGS.limit, batch_size=FLAGS.batch_size,
+                               progress=FLAGS.progress, finished=resumed, on_task=on_task)
+    # wall_s and compile_s are this process's; every task keeps its own wall_s
+    result |= {"src": FLAGS.src, "compute_dtype": FLAGS.compute_dtype, "wall_s": time.perf_counter() - t0,
+               "compile_s": sum(compile_s), "resumed_tasks": list(resumed)}
+    if FLAGS.out:
+        fsutil.atomic_write_json(FLAGS.out, result)
+    if finished is not None:
+        finished.done()
+    if "macro" in result:
+        print(macro_row(result))
+    print(f"({result['wall_s']:.0f} s, {result['compile_s']:.0f} s of it compiling)")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ import jax
 import numpy as np
 
 from olmo_jax import fsutil, tasks as tasks_lib
+from olmo_jax.assets import resolve
+from olmo_jax.cli import Interrupted
 from olmo_jax.config import ModelConfig, OlmoJaxError
 from olmo_jax.tasks import EvalTask, Question, lambada
 from train.eval.metrics import choice_scores, evaluate, lm_health, macro_average
@@ -171,6 +173,12 @@ def evaluate_params(cfg: ModelConfig, params, tokenizer, task: str = "csqa:rc_0s
                          progress=progress)
 
 
+def run_identity(src: str, **settings) -> dict:
+    """What a result of `src` depends on, for `FinishedTasks`: the model's files and `settings` (every
+    setting that changes a score: task spec, split, limit, batch size, compute dtype)."""
+    return {"src": src, "model_files": model_files(resolve(src))} | settings
+
+
 def model_files(path: str) -> list[list]:
     """[path relative to `path`, size, modification time (ns)] of every file of a model (a .gguf, an
     HF or olmo_jax directory), sorted: what tells one model on disk from a changed one, as the GGUF
@@ -218,6 +226,22 @@ class FinishedTasks:
         """The full result is written: the partial file has served."""
         if os.path.exists(self.path):
             os.remove(self.path)
+
+
+class Stopped(Interrupted):
+    exit_code = 130  # the shell's code for a Ctrl-C
+
+
+@contextlib.contextmanager
+def stopped_cleanly(finished: FinishedTasks | None):
+    """Ctrl-C inside: one line saying what is kept (under `olmo_jax.cli.user_errors`: exit 130),
+    not a traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        kept = (f"{len(finished.tasks)} finished task(s) kept in {finished.path}; the same command resumes"
+                if finished is not None else "nothing kept (no --out)")
+        raise Stopped(f"interrupted: {kept}") from None
 
 
 def correctness(result: dict) -> np.ndarray:
