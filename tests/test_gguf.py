@@ -44,7 +44,6 @@ def _smollm2_tokenizer():
 # its first 512 ids: gguf's reader parses a file's tokenizer metadata slowest, once per read (~5 s
 # each with all 49152 tokens). Tests of the tokenizer itself use the whole one (`tiny_llama`).
 SMALL_VOCAB = 512
-FULL_VOCAB = SMOLLM2_VOCAB
 
 
 def tiny_dir(path, arch: str, tied: bool, *, seed: int = 0, vocab: int = SMALL_VOCAB, **extra) -> str:
@@ -76,7 +75,7 @@ def tiny(request, tmp_path_factory):
 def tiny_llama(tmp_path_factory):
     """For what does not depend on the architecture (tokenizer, files, helpers): the whole SmolLM2
     tokenizer."""
-    return _tiny("llama-tied", tmp_path_factory, vocab=FULL_VOCAB)
+    return _tiny("llama-tied", tmp_path_factory, vocab=SMOLLM2_VOCAB)
 
 
 def _ids(tok, text):
