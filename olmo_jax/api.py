@@ -43,7 +43,7 @@ def _load_config(path: str, cache: bool) -> ModelConfig:
 
 
 @contextlib.contextmanager
-def _gguf_parsed_once():
+def gguf_parsed_once():
     """Within it, transformers parses a GGUF file once, not twice, and builds gguf's tensor-name
     table once, not once per module of the model. Reading a file means its config (one parse of
     the whole file, metadata included), then its tensors (a second parse, and a name table for
@@ -121,7 +121,7 @@ def from_pretrained(path: str, *, dtype: str = "float32", mesh=None, compute_dty
     """
     path = resolve(path)
     kind = _kind(path)
-    with _gguf_parsed_once() if kind == "gguf" else contextlib.nullcontext():
+    with gguf_parsed_once() if kind == "gguf" else contextlib.nullcontext():
         return _from_pretrained(path, kind, dtype, mesh, compute_dtype, cache)
 
 

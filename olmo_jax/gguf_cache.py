@@ -1,7 +1,7 @@
 """A converted copy of each GGUF file read, so only its first load pays for transformers' reader.
 
 Reading a GGUF through transformers parses the file and dequantises every tensor in numpy: ~8 s
-for the packaged 135M model (with `olmo_jax.api._gguf_parsed_once`; ~20 s without), where the same
+for the packaged 135M model (with `olmo_jax.api.gguf_parsed_once`; ~20 s without), where the same
 tensors as safetensors load in about a second; its tokenizer takes ~4 s to rebuild, where its saved
 files load at once. So the first read of a file writes what transformers produced (its HF config,
 the HF-named tensors as dequantised, the tokenizer files it saves) to a cache entry, and later reads

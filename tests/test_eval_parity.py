@@ -1,10 +1,7 @@
 """Our packed, jitted CSQA scoring against a plain transformers loop on the real SmolLM2 model."""
-import os
 
 import numpy as np
 import pytest
-import torch
-import transformers
 
 import olmo_jax
 from olmo_jax.assets import smollm2_gguf_path
@@ -12,7 +9,7 @@ from train.eval.metrics import choice_scores, correct
 from olmo_jax.tasks import csqa
 from train.eval.run import evaluate_params
 from train.eval.scoring import Item
-from train.bench.torch_ref import score_questions_torch
+from train.bench.torch_ref import reference_model, score_questions_torch
 
 pytestmark = pytest.mark.slow  # the full tier only (README: test tiers)
 
@@ -35,9 +32,7 @@ def test_rc_0shot_matches_transformers():
     assert [p["doc_id"] for p in res["predictions"]] == [q.doc_id for q in questions]
     ll = np.array([p["loglik"] for p in res["predictions"]])
     nt = np.array([p["num_tokens"] for p in res["predictions"]])
-    d, fn = os.path.split(path)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=fn, dtype=torch.float32)
-    ref_ll, ref_nt = score_questions_torch(ref, tok, items)
+    ref_ll, ref_nt = score_questions_torch(reference_model(path), tok, items)
     np.testing.assert_array_equal(nt, ref_nt)
     np.testing.assert_allclose(ll, ref_ll, atol=2e-3, rtol=1e-4)
     for metric in ("acc_raw", "acc_per_char"):

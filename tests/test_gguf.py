@@ -135,7 +135,7 @@ def test_a_second_read_comes_from_the_conversion_cache_bit_for_bit(tiny_llama, t
 
 
 def test_a_gguf_read_parses_the_file_once_and_caches_only_when_asked(tmp_path_factory, tmp_path, monkeypatch):
-    """olmo_jax/api.py `_gguf_parsed_once`: a load parses the file once and builds gguf's tensor-name
+    """olmo_jax/api.py `gguf_parsed_once`: a load parses the file once and builds gguf's tensor-name
     table once (transformers alone: twice, and once per module), to the same arrays; cache=False (a
     file read once, as the edge stage's read-back) leaves no conversion-cache entry."""
     _, path, _ = _tiny("llama-tied", tmp_path_factory)
@@ -154,7 +154,7 @@ def test_a_gguf_read_parses_the_file_once_and_caches_only_when_asked(tmp_path_fa
     assert not (tmp_path / "cache").exists()
     calls.clear()
     with monkeypatch.context() as m:
-        m.setattr(olmo_jax.api, "_gguf_parsed_once", contextlib.nullcontext)
+        m.setattr(olmo_jax.api, "gguf_parsed_once", contextlib.nullcontext)
         plain = olmo_jax.from_pretrained(path, cache=False)
     assert calls["parses"] == 2 and calls["name tables"] > 1, calls  # what the memo saves
     want, got = _params_np(plain), _params_np(once)

@@ -1,14 +1,13 @@
 """The real packaged model (SmolLM2-135M-Instruct, GGUF) against transformers on real prompts."""
-import os
 
 import numpy as np
 import pytest
 import torch
-import transformers
 
 import olmo_jax
 from olmo_jax.assets import smollm2_gguf_path
 from olmo_jax.generate import greedy
+from train.bench.torch_ref import reference_model
 
 pytestmark = pytest.mark.slow  # the full tier only (README: test tiers)
 
@@ -23,8 +22,7 @@ PROMPTS = [
 def models():
     path = smollm2_gguf_path()
     ours = olmo_jax.from_pretrained(path)
-    d, fn = os.path.split(path)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=fn, dtype=torch.float32).eval()
+    ref = reference_model(path)
     tok = olmo_jax.load_tokenizer(path)
     return ours, ref, tok
 

@@ -10,7 +10,6 @@ On the packaged SmolLM2-135M-Instruct (float32, CPU), in one process:
   full    (--full) every document of --task by ours: the suite's wall time, questions, tokens
 """
 import json
-import os
 import time
 
 import numpy as np
@@ -49,19 +48,17 @@ def _flat(ours: dict, questions) -> np.ndarray:
 
 def run(spec: str, torch_limit: int, full: bool) -> dict:
     import torch
-    import transformers
 
     import olmo_jax
     from olmo_jax.assets import smollm2_gguf_path
+    from train.bench.torch_ref import reference_model
 
     path = smollm2_gguf_path()
     model, tok = olmo_jax.from_pretrained(path), olmo_jax.load_tokenizer(path)
     subset = _requests(spec, torch_limit)
     ours_s, ours = _ours(model, tok, subset)
     warm_s, _ = _ours(model, tok, subset)
-    d, fn = os.path.split(path)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=fn, dtype=torch.float32)
-    torch_s, theirs = _torch(ref, tok, subset)
+    torch_s, theirs = _torch(reference_model(path), tok, subset)
     diff = max(float(np.abs(_flat(ours[k], subset[k]) - theirs[k]).max()) for k in subset)
     res = {"spec": spec, "subset": {"docs_per_task": torch_limit, "questions": sum(map(len, subset.values())),
                                     "requests": sum(len(v) for v in theirs.values()), "ours_s_including_compile": ours_s,

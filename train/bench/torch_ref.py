@@ -2,10 +2,24 @@
 and benchmarked against. One forward per question (its choices as a right-padded batch)."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
 from olmo_jax.tasks.tokenize import tokenize_pairs
+
+
+def reference_model(gguf_path: str):
+    """transformers' own model of a GGUF file, float32, in eval mode, read by transformers' own GGUF
+    reader with the file parsed once (`olmo_jax.api.gguf_parsed_once`: the same arrays; the packaged
+    SmolLM2 in ~8 s instead of ~20)."""
+    import transformers
+
+    from olmo_jax.api import gguf_parsed_once
+    d, fn = os.path.split(os.path.abspath(gguf_path))
+    with gguf_parsed_once():
+        return transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=fn, dtype=torch.float32).eval()
 
 
 def score_questions_torch(model, tokenizer, items) -> tuple[np.ndarray, np.ndarray]:
