@@ -58,6 +58,8 @@ def _cli(*args, env=None):
     (["--task=olmes", "--limit=0"], "error: --limit must be >= 1"),
     (["--task=hellaswag:rc_5shot", "--split=heldout"], "error: --split=heldout exists for CSQA only"),
     (["--compute_dtype=float16"], "error: --compute_dtype must be one of ['bfloat16', 'float32'], got 'float16'"),
+    (["--compilation_cache_dir=/proc/nope"],
+     "error: the compilation cache directory /proc/nope cannot be made: No such file or directory"),
 ])
 def test_eval_cli_bad_input(args, message):
     r = _cli(*args)
@@ -102,22 +104,27 @@ def test_eval_cli_resumes_from_finished_tasks_and_refuses_another_runs(tmp_path)
     """With --out: a run prints each task's row as it finishes and leaves no partial file; given a
     partial file of this run (the model's files and settings) holding one task, the same command
     takes that task as it was and scores only the other, to the same scores as a whole run; a partial
-    file of a run with another setting is refused in one line (exit 2) and left as it was."""
+    file of a run with another setting is refused in one line (exit 2) and left as it was.
+    With --compilation_cache_dir, the first run keeps its programs there and the second compiles
+    none: it adds no entry."""
     import json
+    import os
     import subprocess
     import sys
     from tests.hf_helpers import tiny_model_dir
     from train.eval.run import FinishedTasks, run_identity
-    src, out = tiny_model_dir(tmp_path / "model"), tmp_path / "r.json"
+    src, out, cache = tiny_model_dir(tmp_path / "model"), tmp_path / "r.json", tmp_path / "jit"
     settings = dict(task=SPEC, split="validation", limit=3, batch_size=32, compute_dtype="float32")
     cli = [sys.executable, "-m", "train.eval", f"--src={src}", f"--task={SPEC}", "--limit=3", f"--out={out}",
-           "--progress=false"]
+           "--progress=false", f"--compilation_cache_dir={cache}"]
     whole = subprocess.run(cli, capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr
     lines = whole.stdout.splitlines()
     assert [x.split(" |")[0] for x in lines[2:4]] == ["| csqa:rc_0shot", "| arc_easy:rc_5shot"]
     first = json.loads(out.read_text())
     assert first["resumed_tasks"] == [] and not (tmp_path / "r.json.partial").exists()
+    programs = sorted(os.listdir(cache))
+    assert any(p.startswith("jit__hidden-") for p in programs), programs
 
     out.unlink()
     kept = dict(first["tasks"]["csqa:rc_0shot"], wall_s=12345.0)  # marked: taken, not scored again
@@ -131,6 +138,7 @@ def test_eval_cli_resumes_from_finished_tasks_and_refuses_another_runs(tmp_path)
     for key in ("predictions", "primary_metric", "acc_raw"):
         assert result["tasks"]["arc_easy:rc_5shot"][key] == first["tasks"]["arc_easy:rc_5shot"][key]
     assert result["macro"] == first["macro"] and not (tmp_path / "r.json.partial").exists()
+    assert sorted(os.listdir(cache)) == programs  # every program of the second run came from the cache
 
     FinishedTasks(str(out), run_identity(src, **settings)).add("csqa:rc_0shot", kept)
     planted = (tmp_path / "r.json.partial").read_bytes()

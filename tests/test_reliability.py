@@ -470,6 +470,10 @@ CLI_CASES = {
     "train: config of another tool": ("-m train.main --config=configs/bench.py:tiny --workdir={out}/t3", ["config"]),
     "pipeline: missing model": ("-m train.pipeline --config=configs/tiny.py --config.model.src={missing} "
                                 "--workdir={out}/pp1", ["no such file or directory"]),
+    "pipeline: compilation cache cannot be made": (
+        "-m train.pipeline --config=configs/tiny.py --config.model.src={src} "
+        "--config.jax.compilation_cache_dir=/proc/nope --workdir={out}/pp2",
+        ["compilation cache directory /proc/nope cannot be made"]),
     "bench: another architecture": ("-m train.bench --config=configs/bench.py:tiny --config.model.arch=gpt2",
                                     ["unsupported architecture"]),
 }

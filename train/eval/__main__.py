@@ -1,7 +1,7 @@
 """Evaluate a model on OLMES tasks, exactly as OLMES scores them.
 
     python -m train.eval --src=PATH --task=SPEC [--limit=N] [--split=validation] --out=FILE.json
-        [--compute_dtype=bfloat16]
+        [--compute_dtype=bfloat16] [--compilation_cache_dir=DIR]
 PATH: HF directory, .gguf, olmo_jax checkpoint, or `smollm2` (the packaged model).
 SPEC: TASK:FORMAT[,TASK:FORMAT...] (e.g. csqa:rc_0shot,hellaswag:mc_5shot), `olmes` (the nine
 tasks at rc_5shot, OLMES's `<task>:rc::olmes`), `lambada` (LM health), or a mix: `olmes,lambada`.
@@ -20,6 +20,8 @@ flags.DEFINE_integer("limit", None, "First N documents of each task (default: al
 flags.DEFINE_integer("batch_size", 32, "Rows per batch.")
 flags.DEFINE_string("out", None, "Write the JSON result here.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.DEFINE_string("compilation_cache_dir", None, "Keep compiled programs here; a later run with the same "
+                    "shapes loads them instead of compiling (docs/EVAL.md).")
 flags.DEFINE_string("compute_dtype", "float32", "float32 | bfloat16 (activations and matmul inputs, the LM "
                     "head's included, in bfloat16, float32 accumulation and softmax: 1.5x faster on CPUs "
                     "with AVX512-BF16, scores move ~0.05 nats; docs/EVAL.md)")
@@ -67,6 +69,9 @@ def main(argv):
         check_request(FLAGS.task, FLAGS.limit, FLAGS.split)
         if FLAGS.compute_dtype not in DTYPES:
             raise OlmoJaxError(f"--compute_dtype must be one of {sorted(DTYPES)}, got {FLAGS.compute_dtype!r}")
+        if FLAGS.compilation_cache_dir:
+            from olmo_jax.distributed import use_compilation_cache
+            use_compilation_cache(FLAGS.compilation_cache_dir)
         finished = _finished_tasks()
         with stopped_cleanly(finished):
             _evaluate(finished)
