@@ -4,6 +4,8 @@ collectives the stages around training need: who writes files, a barrier, gather
 Everything here is a no-op (or the obvious local operation) in a single process."""
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 
@@ -19,6 +21,7 @@ def use_compilation_cache(directory: str) -> None:
     from etils import epath  # JAX's own path type for the cache: local or a bucket (gs://)
 
     from olmo_jax.config import OlmoJaxError
+    directory = os.path.expanduser(directory)  # flags come unexpanded: --compilation_cache_dir=~/jit
     try:
         epath.Path(directory).mkdir(parents=True, exist_ok=True)
     except OSError as e:
