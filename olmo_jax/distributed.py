@@ -17,15 +17,15 @@ def use_compilation_cache(directory: str) -> None:
     them instead of compiling. Every program is kept, not only those compiling in over a second
     (JAX's default): most of a CPU run's compile in less, and a kept one is tens of KB there
     (the OLMES suite at --limit=10: 63 programs, 1.4 MB; compiling 38 s -> 6 s on the next run).
-    A directory that cannot be made is an error here (JAX would warn at every program and go on)."""
-    from etils import epath  # JAX's own path type for the cache: local or a bucket (gs://)
-
+    A local directory that cannot be made is an error here (JAX would warn at every program and go
+    on); a bucket (gs://...) is left to JAX, which reaches it through its own file layer."""
     from olmo_jax.config import OlmoJaxError
     directory = os.path.expanduser(directory)  # flags come unexpanded: --compilation_cache_dir=~/jit
-    try:
-        epath.Path(directory).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OlmoJaxError(f"the compilation cache directory {directory} cannot be made: {e.strerror or e}") from None
+    if "://" not in directory:
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as e:
+            raise OlmoJaxError(f"the compilation cache directory {directory} cannot be made: {e.strerror}") from None
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
