@@ -69,10 +69,10 @@ def main(argv):
         check_request(FLAGS.task, FLAGS.limit, FLAGS.split)
         if FLAGS.compute_dtype not in DTYPES:
             raise OlmoJaxError(f"--compute_dtype must be one of {sorted(DTYPES)}, got {FLAGS.compute_dtype!r}")
+        finished = _finished_tasks()  # a partial file of another run is refused before anything is made
         if FLAGS.compilation_cache_dir:
             from olmo_jax.distributed import use_compilation_cache
             use_compilation_cache(FLAGS.compilation_cache_dir)
-        finished = _finished_tasks()
         with stopped_cleanly(finished):
             _evaluate(finished)
 
